@@ -1,0 +1,31 @@
+"""Prometheus series (operations.md, "Health and metrics"). Names are a stable interface."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SOCKETS_OPEN = Gauge("chat_sockets_open", "WebSocket connections open in this process")
+MESSAGES = Counter(
+    "chat_messages_total",
+    "Chat messages by direction (in: from devices, out: to devices) and route",
+    ["direction", "route"],
+)
+WEBHOOKS = Counter("chat_webhooks_total", "Zammad webhook deliveries by outcome", ["outcome"])
+PENDING_WORK = Gauge("chat_pending_work", "Background work items waiting or running")
+PENDING_WORK_OLDEST = Gauge(
+    "chat_pending_work_oldest_seconds", "Age of the oldest background work item waiting"
+)
+PUSH_LATENCY = Histogram(
+    "chat_push_latency_seconds",
+    "From webhook received to frame sent to a socket",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+UPSTREAM_SECONDS = Histogram(
+    "chat_upstream_seconds",
+    "Duration of calls to Zammad and the chat bot",
+    ["service"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 90),
+)
+UPSTREAM_ERRORS = Counter(
+    "chat_upstream_errors_total", "Failed calls to Zammad and the chat bot", ["service", "kind"]
+)

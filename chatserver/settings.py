@@ -1,0 +1,185 @@
+"""Settings, read from the environment with embedded defaults.
+
+Nothing set gives a working development server: SQLite, an in-process channel layer.
+Every variable is documented in docs/configuration.md.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_str("SECRET_KEY", "insecure-development-key-change-me")
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chatserver",
+]
+
+MIDDLEWARE = [
+    "chatserver.middleware.RequestLogMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatserver.urls"
+ASGI_APPLICATION = "chatserver.asgi.application"
+APPEND_SLASH = True
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+else:
+    # The embedded default. IMMEDIATE transactions and a busy timeout keep a separate worker
+    # process from turning concurrent writes into "database is locked" errors.
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", "")
+# channels-redis as shipped loses pushes under load; see docs/operations.md, "Channel layer".
+CHANNEL_CAPACITY = env_int("CHANNEL_CAPACITY", 10_000)
+REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 64)
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "chatserver.layer.ChatChannelLayer",
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL}],
+                "capacity": CHANNEL_CAPACITY,
+                "expiry": 60,
+                "group_expiry": 86400,
+                "prefix": env_str("CHANNEL_PREFIX", "chat"),
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": CHANNEL_CAPACITY, "expiry": 60},
+        }
+    }
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env_str("STATIC_ROOT", str(BASE_DIR / "var" / "static"))
+
+# --- Chat behaviour -------------------------------------------------------------------------
+
+CHATBOT_URL = env_str("CHATBOT_URL", "").rstrip("/")
+ZAMMAD_TIMEOUT_SECS = env_float("ZAMMAD_TIMEOUT_SECS", 10)
+CHATBOT_ANSWER_TIMEOUT_SECS = env_float("CHATBOT_ANSWER_TIMEOUT_SECS", 90)
+CHATBOT_TRANSLATE_TIMEOUT_SECS = env_float("CHATBOT_TRANSLATE_TIMEOUT_SECS", 20)
+
+CHAT_EXPIRY_DAYS = env_float("CHAT_EXPIRY_DAYS", 30)
+CHAT_MESSAGE_MAX_CHARS = env_int("CHAT_MESSAGE_MAX_CHARS", 10_000)
+CHAT_BOT_HISTORY_MESSAGES = 10
+CHAT_ZAMMAD_TICKET_GROUP = env_str("CHAT_ZAMMAD_TICKET_GROUP", "integreat-chat")
+
+CHAT_ATTACHMENT_MAX_BYTES = env_int("CHAT_ATTACHMENT_MAX_BYTES", 10 * 1024 * 1024)
+CHAT_ATTACHMENT_MAX_COUNT = env_int("CHAT_ATTACHMENT_MAX_COUNT", 3)
+CHAT_ATTACHMENT_TYPES = env_list(
+    "CHAT_ATTACHMENT_TYPES",
+    "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain",
+)
+WEBHOOK_MAX_BODY_BYTES = env_int("WEBHOOK_MAX_BODY_BYTES", 1024 * 1024)
+WEBHOOK_DELIVERY_RETENTION_DAYS = env_int("WEBHOOK_DELIVERY_RETENTION_DAYS", 7)
+WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 64 * 1024)
+WS_PING_INTERVAL_SECS = env_float("WS_PING_INTERVAL_SECS", 20)
+WS_ALLOWED_ORIGINS = env_list("WS_ALLOWED_ORIGINS", "")
+
+CHAT_RATE_LIMITS_ENABLED = env_bool("CHAT_RATE_LIMITS_ENABLED", True)
+RATE_LIMIT_WINDOW_SECS = env_int("RATE_LIMIT_WINDOW_SECS", 60)
+RATE_LIMIT_REST_PER_DEVICE = env_int("RATE_LIMIT_REST_PER_DEVICE", 120)
+RATE_LIMIT_REST_PER_IP = env_int("RATE_LIMIT_REST_PER_IP", 600)
+RATE_LIMIT_SENDS_PER_DEVICE = env_int("RATE_LIMIT_SENDS_PER_DEVICE", 30)
+WS_MAX_CONNECTIONS_PER_DEVICE = env_int("WS_MAX_CONNECTIONS_PER_DEVICE", 5)
+WS_MAX_CONNECTIONS_PER_IP = env_int("WS_MAX_CONNECTIONS_PER_IP", 200)
+TRUSTED_PROXY_HEADER = env_str("TRUSTED_PROXY_HEADER", "")
+
+WORKER_POLL_INTERVAL_SECS = env_float("WORKER_POLL_INTERVAL_SECS", 0.2)
+WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 8)
+WORKER_LEASE_SECS = env_float("WORKER_LEASE_SECS", 120)
+WORKER_MAX_BACKOFF_SECS = env_float("WORKER_MAX_BACKOFF_SECS", 300)
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "daphne": {"level": "WARNING"},
+        "django.channels.server": {"level": "WARNING"},
+    },
+}
