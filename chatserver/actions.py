@@ -1,0 +1,571 @@
+"""What happens on the request path: reading a conversation, storing a device's message,
+taking a Zammad webhook. Views and consumers call these and nothing else.
+
+Each action writes in one transaction with the chat row locked, collects its events in an
+``Outbox`` and publishes them after the commit. Calls to Zammad and the bot never happen here:
+they are durable background work (``background.py``), queued in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from . import metrics
+from .content import sanitize_html, text_to_html
+from .errors import (
+    ChatNotFound,
+    InvalidMessage,
+    InvalidWebhook,
+    NotConfigured,
+    NotFound,
+    WebhookUnauthorized,
+)
+from .events import Conversation, conversation
+from .models import BetaRoll, Chat, Message, Region, WebhookDelivery, Work, new_attachment_token
+from .publish import Outbox
+
+logger = logging.getLogger(__name__)
+
+# The subject that marks the server's own bot answers and translations in Zammad.
+AUTOMATIC_SUBJECT = "automatically generated message"
+USER_SUBJECT = "app user message"
+# preferences[OWN_MARK] = {"message_id": ...} on every article the server writes: how a retry
+# after a crash recognises an article that already reached Zammad.
+OWN_MARK = "integreat_chat"
+
+Route = Literal["rest", "socket"]
+
+
+def log_device(device_id: str) -> str:
+    """Device ids are bearer secrets: logs carry only their first 8 characters."""
+    return device_id[:8]
+
+
+def bot_enabled() -> bool:
+    return bool(settings.CHATBOT_URL)
+
+
+# --- regions and chats ----------------------------------------------------------------------
+
+
+def get_region(slug: str) -> Region:
+    region = Region.objects.filter(slug=slug).first()
+    if region is None:
+        raise NotFound
+    return region
+
+
+def configured_region(slug: str) -> Region:
+    region = get_region(slug)
+    if not region.is_configured:
+        raise NotConfigured
+    return region
+
+
+def current_chat(region: Region, device_id: str, *, lock: bool = False) -> Chat | None:
+    chats = Chat.objects.filter(region=region, device_id=device_id, is_current=True)
+    if lock:
+        chats = chats.select_for_update()
+    chat = chats.first()
+    if chat is None or chat.is_expired:
+        return None
+    chat.region = region
+    return chat
+
+
+def _open_chat(region: Region, device_id: str, language: str) -> Chat:
+    """A new current chat; an expired one stops being current. Concurrent openers meet at the
+    unique constraint, and the loser takes the winner's chat."""
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            Chat.objects.filter(region=region, device_id=device_id, is_current=True).update(
+                is_current=False
+            )
+            chat = Chat.objects.create(
+                region=region,
+                device_id=device_id,
+                language=language,
+                created_at=now,
+                last_activity_at=now,
+                expires_at=Chat.expiry_from(now),
+            )
+    except IntegrityError:
+        existing = current_chat(region, device_id, lock=True)
+        if existing is None:
+            raise
+        return existing
+    logger.info("chat %s opened for device %s", chat.pk, log_device(device_id))
+    return chat
+
+
+def _touch(chat: Chat) -> None:
+    now = timezone.now()
+    chat.last_activity_at = now
+    chat.expires_at = Chat.expiry_from(now)
+
+
+def _append(chat: Chat, outbox: Outbox, **fields: Any) -> Message:
+    """Add a message to a locked chat and publish it after the commit."""
+    message = Message.objects.create(chat=chat, **fields)
+    prev_id = chat.last_message_id
+    chat.last_message_id = message.pk
+    chat.version += 1
+    outbox.message(chat, message, prev_id)
+    return message
+
+
+def _save(chat: Chat) -> None:
+    chat.save(
+        update_fields=[
+            "language",
+            "last_activity_at",
+            "expires_at",
+            "automatic_answers",
+            "evaluation_consent",
+            "bot_typing",
+            "version",
+            "last_message_id",
+            "ignored_article_ids",
+            "zammad_ticket_id",
+        ]
+    )
+
+
+def enqueue(
+    chat: Chat,
+    kind: Work.Kind,
+    message: Message | None = None,
+    payload: dict[str, Any] | None = None,
+) -> Work:
+    lane = {
+        Work.Kind.ANSWER: Work.Lane.BOT,
+        Work.Kind.TRANSLATE_REPLY: Work.Lane.BOT,
+        Work.Kind.SYNC_TICKET: Work.Lane.SYNC,
+    }.get(kind, Work.Lane.ZAMMAD)
+    return Work.objects.create(
+        chat=chat, kind=kind, lane=lane, message=message, payload=payload or {}
+    )
+
+
+def _request_answer(chat: Chat, outbox: Outbox) -> None:
+    """One bot answer for a burst: a new message joins an answer that has not started yet."""
+    if not (bot_enabled() and chat.automatic_answers):
+        return
+    queued = Work.objects.filter(chat=chat, kind=Work.Kind.ANSWER, state=Work.State.QUEUED)
+    if not queued.exists():
+        enqueue(chat, Work.Kind.ANSWER)
+    set_typing(chat, True, outbox)
+
+
+def set_typing(chat: Chat, typing: bool, outbox: Outbox) -> None:
+    if chat.bot_typing != typing:
+        chat.bot_typing = typing
+        chat.version += 1
+        outbox.typing(chat)
+
+
+# --- is_chat_enabled ------------------------------------------------------------------------
+
+
+@database_sync_to_async
+def is_chat_enabled(region_slug: str, device_id: str) -> bool:
+    import random  # the roll is not security-relevant
+
+    region = get_region(region_slug)
+    if not region.is_configured:
+        return False
+    roll = BetaRoll.objects.filter(region=region, device_id=device_id).first()
+    if roll is None:
+        enabled = random.random() * 100 < region.beta_percentage
+        try:
+            with transaction.atomic():
+                roll = BetaRoll.objects.create(region=region, device_id=device_id, enabled=enabled)
+        except IntegrityError:
+            roll = BetaRoll.objects.get(region=region, device_id=device_id)
+    return roll.enabled
+
+
+@database_sync_to_async
+def socket_region(region_slug: str) -> int:
+    """The id of a region a socket may open on (else NotFound or NotConfigured)."""
+    return configured_region(region_slug).pk
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    conversation: Conversation | None  # None: unchanged since the client's ETag
+    etag: str
+    last_id: int
+
+
+def _etag(chat: Chat, after: int | None) -> str:
+    return f'"{chat.pk}.{chat.version}.{after or 0}"'
+
+
+@database_sync_to_async
+def read_conversation(
+    region_slug: str,
+    device_id: str,
+    *,
+    after: int | None = None,
+    if_none_match: str | None = None,
+    allow_missing: bool = False,
+) -> Snapshot:
+    """The current chat's messages (only those with ``id > after``). Never calls Zammad."""
+    region = configured_region(region_slug)
+    chat = current_chat(region, device_id)
+    if chat is None:
+        if not allow_missing:
+            raise ChatNotFound
+        empty: Conversation = {
+            "messages": [],
+            "evaluation_consent": False,
+            "chatbot_typing": False,
+            "ticket_url": None,
+        }
+        return Snapshot(empty, '"none"', 0)
+    etag = _etag(chat, after)
+    if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
+        return Snapshot(None, etag, chat.last_message_id)
+    messages = chat.messages.all()
+    if after:
+        messages = messages.filter(id__gt=after)
+    return Snapshot(conversation(chat, list(messages)), etag, chat.last_message_id)
+
+
+@database_sync_to_async
+def messages_after(chat_region_id: int, device_id: str, after: int) -> list[tuple[Chat, Message]]:
+    """Messages a socket missed, for catching up after a lost push or a layer outage."""
+    chat = (
+        Chat.objects.select_related("region")
+        .filter(region_id=chat_region_id, device_id=device_id, is_current=True)
+        .first()
+    )
+    if chat is None:
+        return []
+    return [(chat, message) for message in chat.messages.filter(id__gt=after)]
+
+
+# --- a device's message -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewAttachment:
+    name: str
+    data: bytes
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class SendResult:
+    chat: Chat
+    message: Message | None  # None for a consent-only POST
+    duplicate: bool  # the client_id was stored before; nothing new happened
+
+
+async def send_message(
+    region_slug: str,
+    language: str,
+    device_id: str,
+    *,
+    text: str | None,
+    consent: bool | None = None,
+    client_id: str | None = None,
+    route: Route = "rest",
+) -> SendResult:
+    outbox = Outbox()
+    result = await database_sync_to_async(_store_message)(
+        region_slug, language, device_id, text, consent, client_id, route, outbox
+    )
+    await outbox.send()
+    return result
+
+
+def _store_message(
+    region_slug: str,
+    language: str,
+    device_id: str,
+    text: str | None,
+    consent: bool | None,
+    client_id: str | None,
+    route: Route,
+    outbox: Outbox,
+) -> SendResult:
+    region = configured_region(region_slug)
+    if text is None and consent is None:
+        raise InvalidMessage("The request has no message.")
+    with transaction.atomic():
+        chat = current_chat(region, device_id, lock=True)
+        if text is None:
+            # Only the evaluation consent: it belongs to an existing conversation.
+            if chat is None:
+                raise ChatNotFound
+            _set_consent(chat, consent, outbox)
+            _save(chat)
+            return SendResult(chat, None, duplicate=False)
+        if chat is not None and client_id is not None:
+            stored = chat.messages.filter(client_id=client_id).first()
+            if stored is not None:
+                return SendResult(chat, stored, duplicate=True)
+        if chat is None:
+            chat = _open_chat(region, device_id, language)
+        chat.language = language
+        _touch(chat)
+        message = _append(
+            chat,
+            outbox,
+            role=Message.Role.USER,
+            content=text_to_html(text),
+            status=Message.Status.PENDING,
+            client_id=client_id,
+        )
+        enqueue(chat, Work.Kind.FORWARD_MESSAGE, message)
+        if bot_enabled() and language != region.default_language:
+            enqueue(chat, Work.Kind.TRANSLATE_QUESTION, message)
+        _request_answer(chat, outbox)
+        _set_consent(chat, consent, outbox)
+        _save(chat)
+    metrics.MESSAGES.labels("in", route).inc()
+    logger.info(
+        "message %s stored for chat %s (device %s, %s)",
+        message.pk,
+        chat.pk,
+        log_device(device_id),
+        route,
+    )
+    return SendResult(chat, message, duplicate=False)
+
+
+def _set_consent(chat: Chat, consent: bool | None, outbox: Outbox) -> None:
+    if consent is None or consent == chat.evaluation_consent:
+        return
+    chat.evaluation_consent = consent
+    chat.version += 1
+    enqueue(chat, Work.Kind.SET_ATTRIBUTES, payload={"evaluation_consent": consent})
+
+
+# --- Zammad's webhook -----------------------------------------------------------------------
+
+
+def classify_article(article: dict[str, Any]) -> Literal["internal", "own", "counsellor", "other"]:
+    """Only public articles by an agent without the marker are counsellor messages. Devices
+    never write to Zammad directly, so every customer article is the server's own."""
+    if article.get("internal", True) is not False:
+        return "internal"
+    subject = article.get("subject") or ""
+    if article.get("sender") == "Customer" or AUTOMATIC_SUBJECT in str(subject):
+        return "own"
+    if article.get("sender") == "Agent":
+        return "counsellor"
+    return "other"
+
+
+def own_message_id(article: dict[str, Any]) -> int | None:
+    preferences = article.get("preferences")
+    mark = preferences.get(OWN_MARK) if isinstance(preferences, dict) else None
+    message_id = mark.get("message_id") if isinstance(mark, dict) else None
+    return message_id if isinstance(message_id, int) else None
+
+
+def _attachments_of(article: dict[str, Any]) -> list[dict[str, Any]]:
+    stored = []
+    for item in article.get("attachments") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int):
+            continue
+        preferences = item.get("preferences") if isinstance(item.get("preferences"), dict) else {}
+        size = str(item.get("size") or "0")
+        stored.append(
+            {
+                "name": str(item.get("filename") or "attachment"),
+                "size": int(size) if size.isdigit() else 0,
+                "mime_type": str(
+                    preferences.get("Content-Type")
+                    or preferences.get("Mime-Type")
+                    or "application/octet-stream"
+                ),
+                "token": new_attachment_token(),
+                "article_id": article["id"],
+                "attachment_id": item["id"],
+            }
+        )
+    return stored
+
+
+def _created_at(article: dict[str, Any]) -> datetime:
+    value = article.get("created_at")
+    parsed = parse_datetime(value) if isinstance(value, str) else None
+    return parsed if parsed is not None and parsed.tzinfo is not None else timezone.now()
+
+
+def ingest_counsellor_article(
+    chat: Chat, article: dict[str, Any], outbox: Outbox
+) -> Message | None:
+    """A counsellor's public article becomes a message once, whichever route brings it."""
+    if chat.messages.filter(zammad_article_id=article["id"]).exists():
+        return None
+    body = str(article.get("body") or "")
+    content = sanitize_html(body) if article.get("content_type") == "text/html" else text_to_html(
+        body
+    )
+    message = _append(
+        chat,
+        outbox,
+        role=Message.Role.AGENT,
+        content=content,
+        status=Message.Status.SENT,
+        zammad_article_id=article["id"],
+        created_at=_created_at(article),
+        attachments=_attachments_of(article),
+    )
+    if bot_enabled() and chat.language != chat.region.default_language:
+        enqueue(chat, Work.Kind.TRANSLATE_REPLY, message)
+    metrics.MESSAGES.labels("out", "webhook").inc()
+    return message
+
+
+def known_article_ids(chat: Chat) -> set[int]:
+    ids = set(
+        chat.messages.filter(zammad_article_id__isnull=False).values_list(
+            "zammad_article_id", flat=True
+        )
+    )
+    return {article_id for article_id in ids if article_id is not None} | set(
+        chat.ignored_article_ids
+    )
+
+
+def ignore_article(chat: Chat, article_id: int) -> None:
+    if article_id not in chat.ignored_article_ids:
+        chat.ignored_article_ids = [*chat.ignored_article_ids, article_id]
+
+
+def _request_sync(chat: Chat) -> None:
+    pending = Work.objects.filter(chat=chat, kind=Work.Kind.SYNC_TICKET, state=Work.State.QUEUED)
+    if not pending.exists():
+        enqueue(chat, Work.Kind.SYNC_TICKET)
+
+
+def signature_matches(secret: str, body: bytes, header: str | None) -> bool:
+    expected = "sha1=" + hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+    return hmac.compare_digest(expected.encode(), (header or "").strip().encode())
+
+
+def parse_webhook(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidWebhook("The body is not valid JSON.") from error
+    if not isinstance(payload, dict):
+        raise InvalidWebhook("The body is not a JSON object.")
+    ticket = payload.get("ticket")
+    if not isinstance(ticket, dict) or not isinstance(ticket.get("id"), int):
+        raise InvalidWebhook("The body has no ticket with an id.")
+    article = payload.get("article") or {}
+    if not isinstance(article, dict):
+        raise InvalidWebhook("The article is not a JSON object.")
+    if article and not isinstance(article.get("id"), int):
+        raise InvalidWebhook("The article has no id.")
+    return ticket, article
+
+
+def region_for_token(token: str | None) -> Region:
+    if not token:
+        raise NotFound
+    region = Region.objects.filter(webhook_token=token).first()
+    # Compare again in constant time: the index lookup alone says nothing about timing safety.
+    if region is None or not hmac.compare_digest(region.webhook_token.encode(), token.encode()):
+        raise NotFound
+    return region
+
+
+async def receive_webhook(
+    token: str | None, body: bytes, *, signature: str | None, delivery_id: str | None
+) -> str:
+    """Take one delivery of Zammad's trigger webhook; returns its outcome."""
+    outbox = Outbox()
+    outcome = await database_sync_to_async(_apply_webhook)(
+        token, body, signature, delivery_id, outbox
+    )
+    await outbox.send()
+    metrics.WEBHOOKS.labels(outcome).inc()
+    return outcome
+
+
+def _apply_webhook(
+    token: str | None,
+    body: bytes,
+    signature: str | None,
+    delivery_id: str | None,
+    outbox: Outbox,
+) -> str:
+    region = region_for_token(token)
+    if region.signature_secret and not signature_matches(region.signature_secret, body, signature):
+        raise WebhookUnauthorized
+    ticket, article = parse_webhook(body)
+    delivery_id = (delivery_id or "").strip()[:100] or None
+    with transaction.atomic():
+        delivery = WebhookDelivery(
+            region=region,
+            delivery_id=delivery_id,
+            ticket_id=ticket["id"],
+            article_id=article.get("id"),
+            outcome="processing",
+        )
+        try:
+            with transaction.atomic():
+                delivery.save()
+        except IntegrityError:
+            return "duplicate"
+        delivery.outcome = _apply_ticket_change(region, ticket, article, outbox)
+        delivery.save(update_fields=["outcome"])
+    return delivery.outcome
+
+
+def _apply_ticket_change(
+    region: Region, ticket: dict[str, Any], article: dict[str, Any], outbox: Outbox
+) -> str:
+    chat = (
+        Chat.objects.select_for_update()
+        .filter(region=region, zammad_ticket_id=ticket["id"])
+        .first()
+    )
+    if chat is None:
+        return "unknown_ticket"
+    chat.region = region
+    outcome = "ticket_changed"
+    if isinstance(ticket.get("automatic_answers"), bool):
+        chat.automatic_answers = ticket["automatic_answers"]
+    if article:
+        kind = classify_article(article)
+        if kind == "counsellor":
+            outcome = "message" if ingest_counsellor_article(chat, article, outbox) else "known"
+        else:
+            outcome = f"ignored_{kind}"
+            if kind in {"internal", "other"}:
+                ignore_article(chat, article["id"])
+    # Late, lost or reordered deliveries: when the ticket lists an article that the server has
+    # not seen, reconcile with Zammad's article list in the background.
+    listed = ticket.get("article_ids")
+    if not isinstance(listed, list) or not article or (
+        {item for item in listed if isinstance(item, int)} - known_article_ids(chat)
+        - ({article["id"]} if article else set())
+    ):
+        _request_sync(chat)
+    _save(chat)
+    return outcome

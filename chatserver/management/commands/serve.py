@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+logger = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = (
+        "Serve HTTP and WebSockets with daphne, configured as documented: access log off "
+        "(requests are logged redacted by the server), WebSocket pings, the frame size limit. "
+        "Equivalent to `daphne chatserver.asgi:application` with those flags."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument(
+            "--with-worker",
+            action="store_true",
+            help="run the background worker in this process (needed with the in-process "
+            "channel layer, when REDIS_URL is not set)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        serve(options["host"], options["port"], with_worker=options["with_worker"])
+
+
+def serve(host: str, port: int, *, with_worker: bool = False) -> None:
+    # daphne.server installs Twisted's asyncio reactor on import: import it first.
+    from daphne.server import Server
+    from twisted.internet import reactor
+
+    from chatserver.asgi import application
+    from chatserver.worker import run_worker
+
+    stop = asyncio.Event()
+    if with_worker:
+
+        def start_worker() -> None:
+            asyncio.ensure_future(run_worker(stop))
+
+        reactor.callWhenRunning(start_worker)  # type: ignore[attr-defined]
+        reactor.addSystemEventTrigger("before", "shutdown", stop.set)  # type: ignore[attr-defined]
+    interface = host.strip("[]")
+    Server(
+        application=application,
+        endpoints=[f"tcp:port={port}:interface={interface.replace(':', chr(92) + ':')}"],
+        signal_handlers=True,
+        action_logger=None,
+        ping_interval=settings.WS_PING_INTERVAL_SECS,
+        ping_timeout=settings.WS_PING_INTERVAL_SECS * 2,
+        websocket_max_message_size=settings.WS_MAX_FRAME_BYTES,
+        verbosity=0,
+    ).run()

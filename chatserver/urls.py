@@ -1,0 +1,20 @@
+from django.contrib import admin
+from django.urls import path, re_path
+
+from . import views
+
+
+urlpatterns = [
+    path("healthz", views.healthz),
+    path("api/v3/webhook/zammad/", views.zammad_webhook),
+    path("api/v3/<str:region>/<str:device_id>/is_chat_enabled/", views.is_chat_enabled),
+    path("api/v3/<str:region>/<str:language>/chat/<str:device_id>/", views.chat),
+    path(
+        "<str:region>/<str:language>/wp-json/extensions/v3/chat/<str:device_id>/",
+        views.chat,
+    ),
+    path("admin/", admin.site.urls),
+    # Anything else under the API prefixes (a device id with a slash, say) is a JSON 404.
+    re_path(r"^api/", views.not_found),
+    re_path(r"^[^/]+/[^/]+/wp-json/", views.not_found),
+]

@@ -1,0 +1,189 @@
+"""REST v3, byte-compatible with the Integreat CMS. Thin: parse, call one action, answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
+from django.views.decorators.csrf import csrf_exempt
+
+from . import actions, validation
+from .errors import INTERNAL_ERROR_TEXT, ChatError, InvalidMessage, PayloadTooLarge
+from .events import rest_message
+
+logger = logging.getLogger(__name__)
+
+View = Callable[..., Awaitable[HttpResponse]]
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "content-type, idempotency-key, if-none-match, "
+    "x-integreat-development",
+    "Access-Control-Expose-Headers": "ETag, Retry-After",
+}
+
+
+def error_response(error: ChatError) -> JsonResponse:
+    response = JsonResponse(error.rest_body(), status=error.http_status)
+    retry_after = getattr(error, "retry_after_secs", None)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+def api_view(view: View) -> View:
+    """CORS, OPTIONS, and the one place where typed errors become REST answers."""
+
+    @csrf_exempt
+    @wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method == "OPTIONS":
+            response: HttpResponse = HttpResponse(status=204)
+        else:
+            try:
+                response = await view(request, *args, **kwargs)
+            except ChatError as error:
+                response = error_response(error)
+            except RequestDataTooBig:
+                response = error_response(PayloadTooLarge())
+            except (SuspiciousOperation, MultiPartParserError):
+                response = error_response(InvalidMessage("The request body is malformed."))
+            except Exception:
+                logger.exception("unexpected error in %s", view.__name__)
+                response = JsonResponse({"error": INTERNAL_ERROR_TEXT}, status=500)
+        for header, value in CORS_HEADERS.items():
+            response[header] = value
+        return response
+
+    return wrapper
+
+
+@api_view
+async def is_chat_enabled(request: HttpRequest, region: str, device_id: str) -> HttpResponse:
+    device_id = validation.device_id(device_id)
+    enabled = await actions.is_chat_enabled(region, device_id)
+    return JsonResponse({"is_chat_enabled": enabled})
+
+
+@api_view
+async def chat(request: HttpRequest, region: str, language: str, device_id: str) -> HttpResponse:
+    language = validation.language(language)
+    device_id = validation.device_id(device_id)
+    if request.method == "POST":
+        return await _post(request, region, language, device_id)
+    if request.method in {"GET", "HEAD"}:
+        return await _get(request, region, device_id)
+    return JsonResponse({"error": "Method not allowed."}, status=405)
+
+
+async def _get(request: HttpRequest, region: str, device_id: str) -> HttpResponse:
+    after = _after(request.GET.get("after"))
+    snapshot = await actions.read_conversation(
+        region, device_id, after=after, if_none_match=request.headers.get("If-None-Match")
+    )
+    if snapshot.conversation is None:
+        response = HttpResponse(status=304)
+    else:
+        response = _conversation_response(snapshot.conversation)
+    response["ETag"] = snapshot.etag
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+def _after(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 18:
+        raise InvalidMessage("after must be a message id.")
+    return int(value)
+
+
+async def _post(request: HttpRequest, region: str, language: str, device_id: str) -> HttpResponse:
+    fields = _post_fields(request)
+    result = await actions.send_message(
+        region,
+        language,
+        device_id,
+        text=validation.message_text(_text_field(fields.get("message"))),
+        consent=validation.consent(fields.get("evaluation_consent")),
+        client_id=validation.client_id(
+            fields.get("client_id") or request.headers.get("Idempotency-Key")
+        ),
+        route="rest",
+    )
+    snapshot = await actions.read_conversation(region, device_id)
+    assert snapshot.conversation is not None
+    response = _conversation_response(snapshot.conversation)
+    response["ETag"] = snapshot.etag
+    return response
+
+
+def _text_field(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidMessage("message must be a text.")
+
+
+def _post_fields(request: HttpRequest) -> dict[str, Any]:
+    """The apps send multipart or urlencoded forms; JSON bodies are accepted as well."""
+    content_type = request.content_type or ""
+    if content_type == "application/json":
+        try:
+            body = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InvalidMessage("The body is not valid JSON.") from error
+        if not isinstance(body, dict):
+            raise InvalidMessage("The body is not a JSON object.")
+        return body
+    if content_type in {"multipart/form-data", "application/x-www-form-urlencoded", ""}:
+        return {key: request.POST.get(key) for key in request.POST}
+    raise InvalidMessage(f"Unsupported content type {content_type[:60]}.")
+
+
+def _conversation_response(conversation: dict[str, Any] | Any) -> JsonResponse:
+    body = dict(conversation)
+    body["messages"] = [rest_message(message) for message in conversation["messages"]]
+    return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
+
+
+@api_view
+async def zammad_webhook(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return JsonResponse({"error": "Method not allowed."}, status=405)
+    body = _limited_body(request)
+    outcome = await actions.receive_webhook(
+        request.GET.get("token"),
+        body,
+        signature=request.headers.get("X-Hub-Signature"),
+        delivery_id=request.headers.get("X-Zammad-Delivery"),
+    )
+    return JsonResponse({"status": "ok", "outcome": outcome})
+
+
+def _limited_body(request: HttpRequest) -> bytes:
+    from django.conf import settings
+
+    limit: int = settings.WEBHOOK_MAX_BODY_BYTES
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge
+    body = request.body
+    if len(body) > limit:
+        raise PayloadTooLarge
+    return body
+
+
+@api_view
+async def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    return JsonResponse({"error": "Not found."}, status=404)
+
+
+async def healthz(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"alive": True})

@@ -1,0 +1,1 @@
+"""Thin Channels consumers and the WebSocket routing."""

@@ -1,0 +1,248 @@
+"""The WebSocket protocol (wire-contract.md section 3) through Channels' communicator: every
+frame type, error code and close code, each captured frame checked against its schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import AsyncClient
+
+from chatserver.asgi import application
+from chatserver.models import Message, Region
+
+from .conftest import amake_region, drain
+from .helpers import check_frame
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+DEVICE = "socket-device-0001"
+PATH = f"/ws/v3/augsburg/de/chat/{DEVICE}/"
+
+
+class Socket:
+    def __init__(self, path: str = PATH, headers: list[tuple[bytes, bytes]] | None = None):
+        self.communicator = WebsocketCommunicator(application, path, headers=headers or [])
+
+    async def connect(self) -> Socket:
+        connected, _ = await self.communicator.connect(timeout=5)
+        assert connected
+        return self
+
+    async def receive(self, timeout: float = 5) -> dict[str, Any]:
+        frame: dict[str, Any] = json.loads(await self.communicator.receive_from(timeout))
+        check_frame(frame)
+        return frame
+
+    async def receive_type(self, kind: str, timeout: float = 5) -> dict[str, Any]:
+        while True:
+            frame = await self.receive(timeout)
+            if frame["type"] == kind:
+                return frame
+
+    async def send(self, frame: Any) -> None:
+        await self.communicator.send_to(text_data=json.dumps(frame))
+
+    async def nothing_pending(self) -> bool:
+        return await self.communicator.receive_nothing(timeout=0.2)
+
+    async def closed_with(self) -> int:
+        output = await self.communicator.receive_output(5)
+        if output["type"] == "websocket.send":
+            output = await self.communicator.receive_output(5)
+        assert output["type"] == "websocket.close", output
+        code: int = output["code"]
+        return code
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
+
+
+@pytest.fixture
+async def sockets() -> AsyncIterator[list[Socket]]:
+    opened: list[Socket] = []
+    yield opened
+    for socket in opened:
+        await socket.close()
+
+
+async def open_socket(sockets: list[Socket], path: str = PATH, **kwargs: Any) -> Socket:
+    socket = await Socket(path, **kwargs).connect()
+    sockets.append(socket)
+    return socket
+
+
+async def test_history_on_connect(region: Region, sockets: list[Socket]) -> None:
+    socket = await open_socket(sockets)
+    history = await socket.receive()
+    assert history == {
+        "type": "chat.history",
+        "messages": [],
+        "chatbot_typing": False,
+        "evaluation_consent": False,
+        "last_id": 0,
+    }
+
+
+async def test_send_ack_and_echo_to_every_socket(region: Region, sockets: list[Socket]) -> None:
+    first = await open_socket(sockets)
+    second = await open_socket(sockets)
+    await first.receive_type("chat.history")
+    await second.receive_type("chat.history")
+    await first.send({"type": "chat.send", "client_id": "c-1", "message": "Hallo"})
+    ack = await first.receive_type("chat.ack")
+    assert ack["client_id"] == "c-1"
+    assert ack["status"] == "pending"
+    for socket in (first, second):
+        pushed = await socket.receive_type("chat.message")
+        assert pushed["message"]["id"] == ack["id"]
+        assert pushed["message"]["client_id"] == "c-1"
+        assert pushed["message"]["content"] == "Hallo"
+    # The same client_id again: acked with the same id, nothing else.
+    await first.send({"type": "chat.send", "client_id": "c-1", "message": "Hallo"})
+    again = await first.receive_type("chat.ack")
+    assert again["id"] == ack["id"]
+    assert await second.nothing_pending()
+    assert await Message.objects.acount() == 1
+
+
+async def test_status_sent_after_zammad_has_it(
+    region: Region, zammad: Any, sockets: list[Socket]
+) -> None:
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    await socket.send({"type": "chat.send", "client_id": "c-1", "message": "Hallo"})
+    ack = await socket.receive_type("chat.ack")
+    await drain()
+    status = await socket.receive_type("chat.status")
+    assert status == {"type": "chat.status", "id": ack["id"], "status": "sent"}
+
+
+async def test_rest_post_shows_up_live(region: Region, sockets: list[Socket]) -> None:
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    await AsyncClient().post(f"/api/v3/augsburg/de/chat/{DEVICE}/", {"message": "via REST"})
+    pushed = await socket.receive_type("chat.message")
+    assert pushed["message"]["content"] == "via REST"
+    assert "client_id" not in pushed["message"]
+
+
+async def test_resume_with_after(region: Region, sockets: list[Socket]) -> None:
+    client = AsyncClient()
+    path = f"/api/v3/augsburg/de/chat/{DEVICE}/"
+    ids = []
+    for text in ("one", "two", "three"):
+        data = json.loads((await client.post(path, {"message": text})).content)
+        ids.append(data["messages"][-1]["id"])
+    socket = await open_socket(sockets, f"{PATH}?after={ids[0]}")
+    history = await socket.receive()
+    assert [m["content"] for m in history["messages"]] == ["two", "three"]
+    assert history["last_id"] == ids[-1]
+
+
+async def test_ping_pong_and_bad_frames_keep_socket_open(
+    region: Region, sockets: list[Socket]
+) -> None:
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    await socket.send({"type": "ping"})
+    assert await socket.receive() == {"type": "pong"}
+    cases: list[tuple[Any, str]] = [
+        ("not json", "invalid_frame"),
+        ([1, 2], "invalid_frame"),
+        ({"type": "nope"}, "invalid_frame"),
+        ({"no": "type"}, "invalid_frame"),
+        ({"type": "chat.send", "message": "no client id"}, "invalid_frame"),
+        ({"type": "chat.send", "client_id": "x" * 65, "message": "hi"}, "invalid_frame"),
+        ({"type": "chat.send", "client_id": "c", "message": ""}, "invalid_message"),
+        ({"type": "chat.send", "client_id": "c", "message": "  "}, "invalid_message"),
+        ({"type": "chat.send", "client_id": "c", "message": 7}, "invalid_message"),
+        ({"type": "chat.send", "client_id": "c", "message": "a" * 10_001}, "invalid_message"),
+    ]
+    for frame, code in cases:
+        if isinstance(frame, str):
+            await socket.communicator.send_to(text_data=frame)
+        else:
+            await socket.send(frame)
+        error = await socket.receive()
+        assert error["type"] == "error" and error["code"] == code, (frame, error)
+        assert error["detail"]
+    await socket.communicator.send_to(bytes_data=b"\x00\x01")
+    assert (await socket.receive())["code"] == "invalid_frame"
+    await socket.send({"type": "ping"})
+    assert await socket.receive() == {"type": "pong"}
+    assert await Message.objects.acount() == 0
+
+
+async def test_error_frame_carries_client_id(region: Region, sockets: list[Socket]) -> None:
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    await socket.send({"type": "chat.send", "client_id": "c-9", "message": ""})
+    error = await socket.receive()
+    assert error["client_id"] == "c-9"
+
+
+async def test_send_rate_limit(region: Region, sockets: list[Socket], settings: Any) -> None:
+    settings.RATE_LIMIT_SENDS_PER_DEVICE = 3
+    socket = await open_socket(sockets, f"/ws/v3/augsburg/de/chat/rate-{id(settings)}/")
+    await socket.receive_type("chat.history")
+    for number in range(3):
+        await socket.send({"type": "chat.send", "client_id": f"c{number}", "message": "x"})
+        await socket.receive_type("chat.ack")
+    await socket.send({"type": "chat.send", "client_id": "c9", "message": "x"})
+    error = await socket.receive_type("error")
+    assert error["code"] == "rate_limited"
+    assert isinstance(error["retry_after"], int) and error["retry_after"] >= 1
+    assert error["client_id"] == "c9"
+
+
+async def test_not_configured_while_open(region: Region, sockets: list[Socket]) -> None:
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    await Region.objects.filter(pk=region.pk).aupdate(chat_enabled=False)
+    await socket.send({"type": "chat.send", "client_id": "c", "message": "hi"})
+    error = await socket.receive_type("error")
+    assert error["code"] == "not_configured"
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/ws/v3/nowhere/de/chat/dev-1/", 4404),
+        ("/ws/v3/augsburg/de/chat/bad.device/", 4400),
+        (f"/ws/v3/augsburg/de/chat/{'a' * 65}/", 4400),
+        ("/ws/v3/augsburg/DEUTSCH/chat/dev-1/", 4400),
+        ("/ws/v3/artland/de/chat/dev-1/", 4503),
+    ],
+)
+async def test_close_codes(region: Region, zammad: Any, path: str, code: int) -> None:
+    await amake_region(zammad.url, slug="artland", webhook_token="w2", chat_enabled=False)
+    socket = Socket(path)
+    connected, _ = await socket.communicator.connect(timeout=5)
+    assert connected
+    assert await socket.closed_with() == code
+
+
+async def test_connection_limit_per_device(
+    region: Region, sockets: list[Socket], settings: Any
+) -> None:
+    settings.WS_MAX_CONNECTIONS_PER_DEVICE = 2
+    await open_socket(sockets)
+    await open_socket(sockets)
+    third = Socket()
+    await third.communicator.connect(timeout=5)
+    assert await third.closed_with() == 4429
+
+
+async def test_origin_policy(region: Region, sockets: list[Socket], settings: Any) -> None:
+    settings.WS_ALLOWED_ORIGINS = ["https://web.integreat.app"]
+    native = await open_socket(sockets)  # no Origin header: a native app
+    await native.receive_type("chat.history")
+    allowed = await open_socket(sockets, headers=[(b"origin", b"https://web.integreat.app")])
+    await allowed.receive_type("chat.history")
+    refused = Socket(headers=[(b"origin", b"https://evil.example")])
+    connected, _ = await refused.communicator.connect(timeout=5)
+    assert not connected

@@ -1,0 +1,236 @@
+"""Zammad's webhook, with deliveries made by the fake Zammad's emitter (real payloads, real
+signatures), captured over HTTP and replayed into the server in every order and number."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from django.test import AsyncClient
+
+from chatserver.fakes.base import ThreadedServer
+from chatserver.models import Message, Region, WebhookDelivery, Work
+
+from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, drain
+from .helpers import check_conversation, wait_for_sync
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+DEVICE = "webhook-device-0001"
+CHAT = f"/api/v3/augsburg/de/chat/{DEVICE}/"
+HOOK = f"/api/v3/webhook/zammad/?token={WEBHOOK_TOKEN}"
+
+
+class Capture:
+    """A webhook endpoint that records what the fake Zammad sends, byte for byte."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.server = ThreadedServer(self.make_app)
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/hook", self.receive)
+        return app
+
+    async def receive(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        with self.lock:
+            self.requests.append({"headers": dict(request.headers), "body": raw})
+        return web.Response(text="Thanks!")
+
+    def wait(self, count: int) -> list[dict[str, Any]]:
+        wait_for_sync(lambda: len(self.requests) >= count, what=f"{count} deliveries")
+        return self.requests[:count]
+
+
+@pytest.fixture
+def capture(zammad: Any) -> Iterator[Capture]:
+    capture = Capture()
+    capture.server.start()
+    zammad.set_webhook(
+        url=f"{capture.server.url}/hook",
+        signature_secret=SIGNATURE_SECRET,
+        trigger_on_customer=False,
+    )
+    yield capture
+    capture.server.stop()
+
+
+async def replay(client: AsyncClient, delivery: dict[str, Any], path: str = HOOK) -> Any:
+    headers = delivery["headers"]
+    forwarded = {
+        name: value
+        for name, value in headers.items()
+        if name.lower() in {"x-zammad-delivery", "x-hub-signature", "x-zammad-trigger"}
+    }
+    return await client.post(
+        path, delivery["body"], content_type="application/json", headers=forwarded
+    )
+
+
+async def open_ticket(client: AsyncClient, zammad: Any) -> int:
+    await client.post(CHAT, {"message": "Hallo"})
+    await drain()
+    [ticket] = zammad.tickets()
+    return int(ticket["id"])
+
+
+async def agent_messages(client: AsyncClient) -> list[str]:
+    data = json.loads((await client.get(CHAT)).content)
+    check_conversation(data)
+    return [m["content"] for m in data["messages"] if m["role"] == "agent"]
+
+
+async def test_agent_reply_arrives_through_signed_webhook(
+    region: Region, zammad: Any, capture: Capture
+) -> None:
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    zammad.agent_reply(ticket_id, "<p>Guten Tag! <script>alert(1)</script><b>Wie</b></p>")
+    [delivery] = capture.wait(1)
+    assert delivery["headers"]["X-Hub-Signature"].startswith("sha1=")
+    answer = await replay(client, delivery)
+    assert answer.status_code == 200
+    data = json.loads((await client.get(CHAT)).content)
+    agent = data["messages"][-1]
+    assert agent["role"] == "agent"
+    assert agent["user_is_author"] is False
+    assert agent["automatic_answer"] is False
+    assert agent["status"] == "sent"
+    assert agent["content"] == "<p>Guten Tag! <b>Wie</b></p>"
+
+
+async def test_duplicate_delivery_is_processed_once(
+    region: Region, zammad: Any, capture: Capture
+) -> None:
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    zammad.agent_reply(ticket_id, "<p>Once</p>")
+    [delivery] = capture.wait(1)
+    for _ in range(3):
+        assert (await replay(client, delivery)).status_code == 200
+    assert await agent_messages(client) == ["<p>Once</p>"]
+    outcomes = [d.outcome async for d in WebhookDelivery.objects.all()]
+    assert outcomes == ["message"]
+
+
+async def test_reordered_late_and_lost_deliveries_give_every_article_once(
+    region: Region, zammad: Any, capture: Capture
+) -> None:
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    for text in ("one", "two", "three", "four"):
+        zammad.agent_reply(ticket_id, f"<p>{text}</p>")
+    deliveries = capture.wait(4)
+    # "two" never arrives; "four" comes first, then "three", then "one", then "four" again.
+    for index in (3, 2, 0, 3):
+        assert (await replay(client, deliveries[index])).status_code == 200
+    await drain()  # the reconciliation that "four" (listing "two") asked for
+    contents = sorted(await agent_messages(client))
+    assert contents == sorted(f"<p>{t}</p>" for t in ("one", "two", "three", "four"))
+    await drain()
+    assert len(await agent_messages(client)) == 4
+
+
+async def test_empty_article_reconciles(region: Region, zammad: Any, capture: Capture) -> None:
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    zammad.set_delivery_mode("empty_article")
+    zammad.agent_reply(ticket_id, "<p>From an empty webhook</p>")
+    [delivery] = capture.wait(1)
+    assert json.loads(delivery["body"])["article"] == {}
+    assert (await replay(client, delivery)).status_code == 200
+    assert await agent_messages(client) == []
+    await drain()
+    assert await agent_messages(client) == ["<p>From an empty webhook</p>"]
+    assert (await replay(client, delivery)).status_code == 200
+    await drain()
+    assert await agent_messages(client) == ["<p>From an empty webhook</p>"]
+
+
+async def test_own_internal_and_unknown_articles_are_ignored(
+    region: Region, zammad: Any, capture: Capture
+) -> None:
+    client = AsyncClient()
+    zammad.set_webhook(
+        url=f"{capture.server.url}/hook", signature_secret=SIGNATURE_SECRET,
+        trigger_on_customer=True,
+    )
+    ticket_id = await open_ticket(client, zammad)
+    zammad.agent_reply(ticket_id, "<p>internal note</p>", internal=True)
+    deliveries = capture.wait(2)  # the server's own customer article, then the note
+    for delivery in deliveries:
+        assert (await replay(client, delivery)).status_code == 200
+    await drain()
+    data = json.loads((await client.get(CHAT)).content)
+    assert [m["content"] for m in data["messages"]] == ["Hallo"]
+    outcomes = sorted([d.outcome async for d in WebhookDelivery.objects.all()])
+    assert outcomes == ["ignored_internal", "ignored_own"]
+
+
+async def test_unknown_ticket_is_acknowledged(region: Region, zammad: Any) -> None:
+    client = AsyncClient()
+    raw = json.dumps({"ticket": {"id": 424242, "article_ids": []}, "article": {}}).encode()
+    answer = await client.post(
+        HOOK, raw, content_type="application/json", headers={"X-Hub-Signature": _sign(raw)}
+    )
+    assert answer.status_code == 200
+    assert await Message.objects.acount() == 0
+
+
+def _sign(raw: bytes) -> str:
+    return "sha1=" + hmac.new(SIGNATURE_SECRET.encode(), raw, hashlib.sha1).hexdigest()
+
+
+async def test_wrong_token_and_bad_signature_touch_nothing(
+    region: Region, zammad: Any, capture: Capture
+) -> None:
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    zammad.agent_reply(ticket_id, "<p>secret</p>")
+    [delivery] = capture.wait(1)
+    for path in ("/api/v3/webhook/zammad/", "/api/v3/webhook/zammad/?token=wrong"):
+        answer = await replay(client, delivery, path)
+        assert answer.status_code == 404
+        assert json.loads(answer.content) == {"error": "Not found."}
+    forged = dict(delivery, headers=dict(delivery["headers"], **{"X-Hub-Signature": "sha1=00"}))
+    answer = await replay(client, forged)
+    assert answer.status_code == 401
+    unsigned = dict(delivery, headers={"X-Zammad-Delivery": "x"})
+    assert (await replay(client, unsigned)).status_code == 401
+    assert await WebhookDelivery.objects.acount() == 0
+    assert await agent_messages(client) == []
+    assert await Work.objects.filter(kind="sync_ticket").acount() == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"[1, 2]", b'"text"', b"{}", b'{"ticket": {}}', b'{"ticket": {"id": "7"}}',
+     b'{"ticket": {"id": 7}, "article": [1]}', b'{"ticket": {"id": 7}, "article": {"x": 1}}',
+     b"\xff\xfe"],
+)
+async def test_malformed_bodies_are_400(region: Region, raw: bytes) -> None:
+    client = AsyncClient()
+    answer = await client.post(
+        HOOK, raw, content_type="application/json", headers={"X-Hub-Signature": _sign(raw)}
+    )
+    assert answer.status_code == 400
+    assert set(json.loads(answer.content)) == {"error"}
+    assert await WebhookDelivery.objects.acount() == 0
+
+
+async def test_oversized_body_is_refused(region: Region, settings: Any) -> None:
+    settings.WEBHOOK_MAX_BODY_BYTES = 1000
+    raw = json.dumps({"ticket": {"id": 1}, "padding": "x" * 2000}).encode()
+    answer = await AsyncClient().post(
+        HOOK, raw, content_type="application/json", headers={"X-Hub-Signature": _sign(raw)}
+    )
+    assert answer.status_code == 413
