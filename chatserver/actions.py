@@ -388,7 +388,9 @@ def _attachments_of(article: dict[str, Any]) -> list[dict[str, Any]]:
     for item in article.get("attachments") or []:
         if not isinstance(item, dict) or not isinstance(item.get("id"), int):
             continue
-        preferences = item.get("preferences") if isinstance(item.get("preferences"), dict) else {}
+        preferences = item.get("preferences")
+        if not isinstance(preferences, dict):
+            preferences = {}
         size = str(item.get("size") or "0")
         stored.append(
             {
@@ -420,8 +422,8 @@ def ingest_counsellor_article(
     if chat.messages.filter(zammad_article_id=article["id"]).exists():
         return None
     body = str(article.get("body") or "")
-    content = sanitize_html(body) if article.get("content_type") == "text/html" else text_to_html(
-        body
+    content = (
+        sanitize_html(body) if article.get("content_type") == "text/html" else text_to_html(body)
     )
     message = _append(
         chat,
@@ -562,9 +564,14 @@ def _apply_ticket_change(
     # Late, lost or reordered deliveries: when the ticket lists an article that the server has
     # not seen, reconcile with Zammad's article list in the background.
     listed = ticket.get("article_ids")
-    if not isinstance(listed, list) or not article or (
-        {item for item in listed if isinstance(item, int)} - known_article_ids(chat)
-        - ({article["id"]} if article else set())
+    if (
+        not isinstance(listed, list)
+        or not article
+        or (
+            {item for item in listed if isinstance(item, int)}
+            - known_article_ids(chat)
+            - ({article["id"]} if article else set())
+        )
     ):
         _request_sync(chat)
     _save(chat)

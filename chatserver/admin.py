@@ -53,8 +53,15 @@ class WorkInline(admin.TabularInline[Work, Chat]):
 
 @admin.register(Chat)
 class ChatAdmin(admin.ModelAdmin[Chat]):
-    list_display = ("id", "region", "device", "language", "zammad_ticket_id", "is_current",
-                    "last_activity_at")
+    list_display = (
+        "id",
+        "region",
+        "device",
+        "language",
+        "zammad_ticket_id",
+        "is_current",
+        "last_activity_at",
+    )
     list_filter = ("region", "is_current", "language")
     search_fields = ("device_id__startswith", "=zammad_ticket_id")
     readonly_fields = ("device_id", "version", "last_message_id", "ignored_article_ids")

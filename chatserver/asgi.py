@@ -10,7 +10,6 @@ django_application = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chatserver import daphne_protocol  # noqa: E402
-
 from consumers.origin import OriginValidator  # noqa: E402
 from consumers.routing import websocket_urlpatterns  # noqa: E402
 

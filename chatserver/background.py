@@ -244,8 +244,11 @@ def _apply_articles(chat_id: int, articles: list[dict[str, Any]], outbox: Outbox
                 ingest_counsellor_article(chat, article, outbox)
                 continue
             message_id = own_message_id(article) if kind == "own" else None
-            pending = chat.messages.filter(pk=message_id, zammad_article_id__isnull=True)
-            message = pending.first() if message_id is not None else None
+            message = (
+                chat.messages.filter(pk=message_id, zammad_article_id__isnull=True).first()
+                if message_id is not None
+                else None
+            )
             if message is None:
                 ignore_article(chat, article["id"])
                 continue
@@ -317,7 +320,9 @@ def _answer_done(
             metrics.MESSAGES.labels("out", "bot").inc()
         if automatic_answers is not None and automatic_answers != chat.automatic_answers:
             chat.automatic_answers = automatic_answers
-            enqueue(chat, Work.Kind.SET_ATTRIBUTES, payload={"automatic_answers": automatic_answers})
+            enqueue(
+                chat, Work.Kind.SET_ATTRIBUTES, payload={"automatic_answers": automatic_answers}
+            )
         more = (
             Work.objects.filter(chat=chat, kind=Work.Kind.ANSWER, state=Work.State.QUEUED)
             .exclude(pk=work_id)

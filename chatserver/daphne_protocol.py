@@ -18,7 +18,7 @@ from django.conf import settings
 
 
 class LimitedWebSocketFactory(WebSocketFactory):  # type: ignore[misc]
-    def setProtocolOptions(self, **options: Any) -> None:  # noqa: N802 (autobahn's name)
+    def setProtocolOptions(self, **options: Any) -> None:
         limit = settings.WS_MAX_FRAME_BYTES
         options["maxMessagePayloadSize"] = min(options.get("maxMessagePayloadSize") or limit, limit)
         options["maxFramePayloadSize"] = min(options.get("maxFramePayloadSize") or limit, limit)

@@ -95,9 +95,7 @@ def iso_millis(moment: datetime) -> str:
 
 
 def attachment_url(chat: Chat, token: str) -> str:
-    return (
-        f"/api/v3/{chat.region.slug}/{chat.language}/chat/{chat.device_id}/attachments/{token}/"
-    )
+    return f"/api/v3/{chat.region.slug}/{chat.language}/chat/{chat.device_id}/attachments/{token}/"
 
 
 def message_out(message: Message, chat: Chat) -> MessageOut:

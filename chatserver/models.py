@@ -71,6 +71,9 @@ class BetaRoll(models.Model):
             models.UniqueConstraint(fields=["region", "device_id"], name="beta_roll_per_device")
         ]
 
+    def __str__(self) -> str:
+        return f"{self.region_id}/{self.device_id[:8]}: {self.enabled}"
+
 
 def device_key(device_id: str) -> str:
     """A fixed-length digest of a device id, for group names and keys built from ids only."""
@@ -140,7 +143,8 @@ class Message(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     zammad_article_id = models.BigIntegerField(null=True, blank=True)
-    client_id = models.CharField(max_length=64, null=True, blank=True)
+    # NULL, not "": the unique constraint holds only where a client sent one.
+    client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     translation_of = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="translation"
     )
@@ -225,7 +229,7 @@ class Work(models.Model):
 
 class WebhookDelivery(models.Model):
     region = models.ForeignKey(Region, on_delete=models.CASCADE, related_name="deliveries")
-    delivery_id = models.CharField(max_length=100, null=True, blank=True)
+    delivery_id = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001
     received_at = models.DateTimeField(default=timezone.now)
     ticket_id = models.BigIntegerField(null=True, blank=True)
     article_id = models.BigIntegerField(null=True, blank=True)

@@ -64,5 +64,6 @@ class Outbox:
                 await layer.group_send(group, dict[str, Any](event))
             except Exception:
                 # The store has the message; the device gets it on its next resume.
-                logger.warning("publishing %s to the channel layer failed", event["type"],
-                               exc_info=True)
+                logger.warning(
+                    "publishing %s to the channel layer failed", event["type"], exc_info=True
+                )

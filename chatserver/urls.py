@@ -3,7 +3,6 @@ from django.urls import path, re_path
 
 from . import views
 
-
 urlpatterns = [
     path("healthz", views.healthz),
     path("api/v3/webhook/zammad/", views.zammad_webhook),

@@ -36,7 +36,7 @@ from chatserver.publish import chat_group
 logger = logging.getLogger(__name__)
 
 
-class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+class ChatConsumer(AsyncWebsocketConsumer):
     region_slug: str
     language: str
     device_id: str

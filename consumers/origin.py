@@ -29,5 +29,5 @@ class OriginValidator:
                 break
         if scope["type"] == "websocket" and not self.is_allowed(origin):
             denier = WebsocketDenier()
-            return await denier(scope, receive, send)
+            return await denier(scope, receive, send)  # type: ignore[arg-type]
         return await self.application(scope, receive, send)

@@ -1,3 +1,5 @@
+from typing import Any, cast
+
 from django.urls import re_path
 
 from .chat import ChatConsumer
@@ -7,6 +9,6 @@ from .chat import ChatConsumer
 websocket_urlpatterns = [
     re_path(
         r"^ws/v3/(?P<region>[^/]+)/(?P<language>[^/]+)/chat/(?P<device_id>[^/]+)/$",
-        ChatConsumer.as_asgi(),
+        cast(Any, ChatConsumer.as_asgi()),
     ),
 ]

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from asgiref.sync import sync_to_async
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatserver import chatbot as chatbot_client

@@ -26,7 +26,7 @@ async def wait_for(
         if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
             result = await result
         if result:
-            return result  # type: ignore[return-value]
+            return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
@@ -118,5 +118,9 @@ def check_frame(frame: dict[str, Any]) -> None:
     if kind == "chat.ack":
         assert isinstance(frame["id"], int) and frame["status"] in {"sent", "pending"}
     if kind == "error":
-        assert frame["code"] in {"invalid_frame", "invalid_message", "rate_limited",
-                                 "not_configured"}, frame
+        assert frame["code"] in {
+            "invalid_frame",
+            "invalid_message",
+            "rate_limited",
+            "not_configured",
+        }, frame

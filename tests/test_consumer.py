@@ -224,6 +224,7 @@ async def test_close_codes(region: Region, zammad: Any, path: str, code: int) ->
     connected, _ = await socket.communicator.connect(timeout=5)
     assert connected
     assert await socket.closed_with() == code
+    await socket.close()
 
 
 async def test_connection_limit_per_device(
@@ -235,6 +236,7 @@ async def test_connection_limit_per_device(
     third = Socket()
     await third.communicator.connect(timeout=5)
     assert await third.closed_with() == 4429
+    await third.close()
 
 
 async def test_origin_policy(region: Region, sockets: list[Socket], settings: Any) -> None:
@@ -246,3 +248,4 @@ async def test_origin_policy(region: Region, sockets: list[Socket], settings: An
     refused = Socket(headers=[(b"origin", b"https://evil.example")])
     connected, _ = await refused.communicator.connect(timeout=5)
     assert not connected
+    await refused.close()

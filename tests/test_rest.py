@@ -53,7 +53,9 @@ async def test_is_chat_enabled_percentages(client: AsyncClient, region: Region) 
     assert body(answer) == {"is_chat_enabled": False}
 
 
-async def test_is_chat_enabled_unknown_and_unconfigured(client: AsyncClient, region: Region) -> None:
+async def test_is_chat_enabled_unknown_and_unconfigured(
+    client: AsyncClient, region: Region
+) -> None:
     answer = await client.get(f"/api/v3/nowhere/{DEVICE}/is_chat_enabled/")
     assert answer.status_code == 404
     assert body(answer) == {"error": "Not found."}

@@ -161,7 +161,8 @@ async def test_own_internal_and_unknown_articles_are_ignored(
 ) -> None:
     client = AsyncClient()
     zammad.set_webhook(
-        url=f"{capture.server.url}/hook", signature_secret=SIGNATURE_SECRET,
+        url=f"{capture.server.url}/hook",
+        signature_secret=SIGNATURE_SECRET,
         trigger_on_customer=True,
     )
     ticket_id = await open_ticket(client, zammad)
@@ -213,9 +214,17 @@ async def test_wrong_token_and_bad_signature_touch_nothing(
 
 @pytest.mark.parametrize(
     "raw",
-    [b"not json", b"[1, 2]", b'"text"', b"{}", b'{"ticket": {}}', b'{"ticket": {"id": "7"}}',
-     b'{"ticket": {"id": 7}, "article": [1]}', b'{"ticket": {"id": 7}, "article": {"x": 1}}',
-     b"\xff\xfe"],
+    [
+        b"not json",
+        b"[1, 2]",
+        b'"text"',
+        b"{}",
+        b'{"ticket": {}}',
+        b'{"ticket": {"id": "7"}}',
+        b'{"ticket": {"id": 7}, "article": [1]}',
+        b'{"ticket": {"id": 7}, "article": {"x": 1}}',
+        b"\xff\xfe",
+    ],
 )
 async def test_malformed_bodies_are_400(region: Region, raw: bytes) -> None:
     client = AsyncClient()

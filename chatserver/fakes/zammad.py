@@ -43,7 +43,7 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ApiHandler = Callable[[web.Request, "ApiCall"], Awaitable[web.StreamResponse]]
 
-DEFAULT_TOKEN = "test-token"  # noqa: S105 (the fake's well-known development token)
+DEFAULT_TOKEN = "test-token"
 INTEGRATION_LOGIN = "tech+integreat-cms@tuerantuer.org"
 AGENT_LOGIN = "emma.taylor@example.com"
 DEFAULT_GROUPS = ("Users", "integreat-chat")

@@ -22,8 +22,9 @@ class Command(BaseCommand):
         parser.add_argument("--webhook-token", required=True, help="?token= of the webhook URL")
         parser.add_argument("--signature-secret", default="", help="HMAC secret of the webhook")
         parser.add_argument("--ticket-group", default="integreat-chat")
-        parser.add_argument("--beta-percentage", type=int, default=100, choices=range(101),
-                            metavar="0..100")
+        parser.add_argument(
+            "--beta-percentage", type=int, default=100, choices=range(101), metavar="0..100"
+        )
         parser.add_argument("--privacy-policy-url", default="")
         parser.add_argument("--disable", action="store_true", help="store it with chat disabled")
 

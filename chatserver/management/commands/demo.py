@@ -27,8 +27,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-        parser.add_argument("--bot-delay", type=float, default=2.0,
-                            help="seconds the simulated bot takes per answer")
+        parser.add_argument(
+            "--bot-delay",
+            type=float,
+            default=2.0,
+            help="seconds the simulated bot takes per answer",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         host, port = options["host"], options["port"]

@@ -41,12 +41,13 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
 
     stop = asyncio.Event()
     if with_worker:
+        tasks: list[asyncio.Future[None]] = []
 
         def start_worker() -> None:
-            asyncio.ensure_future(run_worker(stop))
+            tasks.append(asyncio.ensure_future(run_worker(stop)))
 
-        reactor.callWhenRunning(start_worker)  # type: ignore[attr-defined]
-        reactor.addSystemEventTrigger("before", "shutdown", stop.set)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(start_worker)
+        reactor.addSystemEventTrigger("before", "shutdown", stop.set)  # type: ignore[arg-type]
     interface = host.strip("[]")
     Server(
         application=application,
