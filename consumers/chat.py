@@ -8,6 +8,7 @@ socket catch up from the store instead, so nothing is missed and nothing is sent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -73,6 +74,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.SOCKETS_OPEN.inc()
         self.group = chat_group(self.region_id, self.device_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        if hasattr(self.channel_layer, "watch"):
+            self.channel_layer.watch(self.channel_name)
         # Joined first, read second: a message committed in between arrives twice and the
         # second copy is dropped by ``last_id``; none can fall between the two.
         snapshot = await actions.read_conversation(
@@ -92,8 +95,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.opened = True
 
     async def disconnect(self, code: int) -> None:
+        if hasattr(self.channel_layer, "unwatch"):
+            self.channel_layer.unwatch(self.channel_name)
         if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            with contextlib.suppress(Exception):  # Redis may be away; the group expires anyway
+                await self.channel_layer.group_discard(self.group, self.channel_name)
         if self.counted:
             limits.connections.release(device_key(self.device_id), self.ip)
             metrics.SOCKETS_OPEN.dec()
@@ -164,9 +170,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def layer_reconnected(self, event: dict[str, Any]) -> None:
         """Redis came back: it may have forgotten the group and lost pushes meanwhile."""
-        if self.group is not None:
+        if self.group is None:
+            return
+        try:
             await self.channel_layer.group_add(self.group, self.channel_name)
-            await self._catch_up()
+        except Exception:
+            # Away again: the layer sends another reconnected event when it is back.
+            logger.warning("re-joining the group failed", exc_info=True)
+        await self._catch_up()
 
     async def _catch_up(self) -> None:
         missed = await actions.messages_after(self.region_id, self.device_id, self.last_id)

@@ -188,13 +188,11 @@ def server_env(**overrides: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def daphne_pair(
-    django_db_setup: Any, django_db_blocker: Any, bot_server: FakeChatbotServer
-) -> Iterator[tuple[Daphne, Daphne]]:
+def daphne_pair(django_db_setup: Any) -> Iterator[tuple[Daphne, Daphne]]:
     """Two real daphne processes on the real Redis and the test database."""
     if not settings.REDIS_URL or "postgresql" not in settings.DATABASES["default"]["ENGINE"]:
         pytest.skip("the end-to-end tier needs REDIS_URL and DATABASE_URL (PostgreSQL)")
-    env = server_env(CHATBOT_URL=bot_server.url)
+    env = server_env(CHATBOT_URL="")
     first = Daphne(free_port(), env).start()
     second = Daphne(free_port(), env).start()
     yield first, second
@@ -206,3 +204,48 @@ def daphne_pair(
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, to stop and restart at will (the
+    machine's shared Redis is never touched)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for_sync(self._ready, timeout=10, what="private redis")
+        return self
+
+    def _ready(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    redis = PrivateRedis(tmp_path).start()
+    yield redis
+    redis.stop()
