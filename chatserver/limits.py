@@ -99,10 +99,12 @@ connections = ConnectionLimits()
 
 
 def client_ip(scope_client: tuple[str, int] | list[object] | None, headers: dict[str, str]) -> str:
-    """The proxy's header only when a trusted proxy is configured to set it."""
+    """The proxy's header only when a trusted proxy is configured to set it; the proxy appends
+    the address it saw, so the last entry is the one that cannot be forged."""
     header = settings.TRUSTED_PROXY_HEADER.lower()
-    if header and headers.get(header):
-        return headers[header].split(",")[0].strip()
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if header and lowered.get(header):
+        return lowered[header].split(",")[-1].strip()
     if scope_client:
         return str(scope_client[0])
     return "unknown"

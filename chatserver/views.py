@@ -8,14 +8,16 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 
-from . import actions, validation
+from . import actions, limits, validation
 from .errors import INTERNAL_ERROR_TEXT, ChatError, InvalidMessage, PayloadTooLarge
 from .events import rest_message
+from .models import device_key
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,19 @@ def api_view(view: Callable[..., Awaitable[HttpResponse]]) -> View:
     return wrapper
 
 
+async def check_rate_limits(request: HttpRequest, device_id: str) -> None:
+    """Per device and per client IP, as the CMS limits its chat endpoints (429 with Retry-After)."""
+    ip = limits.client_ip((request.META.get("REMOTE_ADDR", ""), 0), dict(request.headers))
+    await limits.check_rate(f"rest:ip:{ip}", settings.RATE_LIMIT_REST_PER_IP)
+    await limits.check_rate(
+        f"rest:device:{device_key(device_id)}", settings.RATE_LIMIT_REST_PER_DEVICE
+    )
+
+
 @api_view
 async def is_chat_enabled(request: HttpRequest, region: str, device_id: str) -> HttpResponse:
     device_id = validation.device_id(device_id)
+    await check_rate_limits(request, device_id)
     enabled = await actions.is_chat_enabled(region, device_id)
     return JsonResponse({"is_chat_enabled": enabled})
 
@@ -77,6 +89,7 @@ async def is_chat_enabled(request: HttpRequest, region: str, device_id: str) -> 
 async def chat(request: HttpRequest, region: str, language: str, device_id: str) -> HttpResponse:
     language = validation.language(language)
     device_id = validation.device_id(device_id)
+    await check_rate_limits(request, device_id)
     if request.method == "POST":
         return await _post(request, region, language, device_id)
     if request.method in {"GET", "HEAD"}:
@@ -169,8 +182,6 @@ async def zammad_webhook(request: HttpRequest) -> HttpResponse:
 
 
 def _limited_body(request: HttpRequest) -> bytes:
-    from django.conf import settings
-
     limit: int = settings.WEBHOOK_MAX_BODY_BYTES
     declared = request.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:

@@ -71,8 +71,16 @@ async def _close_client_sessions() -> AsyncIterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _no_bot_by_default(settings: Any) -> None:
+def _no_bot_or_limits_by_default(settings: Any) -> None:
+    """Tests that need the bot or the rate limits switch them on (``bot``, ``rate_limits``)."""
     settings.CHATBOT_URL = ""
+    settings.CHAT_RATE_LIMITS_ENABLED = False
+
+
+@pytest.fixture
+def rate_limits(settings: Any) -> Any:
+    settings.CHAT_RATE_LIMITS_ENABLED = True
+    return settings
 
 
 def make_region(zammad_url: str, **fields: Any) -> Region:

@@ -4,6 +4,7 @@ frame type, error code and close code, each captured frame checked against its s
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -185,9 +186,9 @@ async def test_error_frame_carries_client_id(region: Region, sockets: list[Socke
     assert error["client_id"] == "c-9"
 
 
-async def test_send_rate_limit(region: Region, sockets: list[Socket], settings: Any) -> None:
-    settings.RATE_LIMIT_SENDS_PER_DEVICE = 3
-    socket = await open_socket(sockets, f"/ws/v3/augsburg/de/chat/rate-{id(settings)}/")
+async def test_send_rate_limit(region: Region, sockets: list[Socket], rate_limits: Any) -> None:
+    rate_limits.RATE_LIMIT_SENDS_PER_DEVICE = 3
+    socket = await open_socket(sockets, f"/ws/v3/augsburg/de/chat/rate-{uuid.uuid4()}/")
     await socket.receive_type("chat.history")
     for number in range(3):
         await socket.send({"type": "chat.send", "client_id": f"c{number}", "message": "x"})
@@ -228,15 +229,40 @@ async def test_close_codes(region: Region, zammad: Any, path: str, code: int) ->
 
 
 async def test_connection_limit_per_device(
-    region: Region, sockets: list[Socket], settings: Any
+    region: Region, sockets: list[Socket], rate_limits: Any
 ) -> None:
-    settings.WS_MAX_CONNECTIONS_PER_DEVICE = 2
+    rate_limits.WS_MAX_CONNECTIONS_PER_DEVICE = 2
     await open_socket(sockets)
     await open_socket(sockets)
     third = Socket()
     await third.communicator.connect(timeout=5)
     assert await third.closed_with() == 4429
     await third.close()
+
+
+async def test_connection_limit_per_ip(
+    region: Region, sockets: list[Socket], rate_limits: Any
+) -> None:
+    rate_limits.WS_MAX_CONNECTIONS_PER_IP = 2
+    await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-1/")
+    await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-2/")
+    third = Socket("/ws/v3/augsburg/de/chat/ip-device-3/")
+    await third.communicator.connect(timeout=5)
+    assert await third.closed_with() == 4429
+    await third.close()
+    # Closing a socket frees its place.
+    await sockets.pop().close()
+    again = await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-3/")
+    await again.receive_type("chat.history")
+
+
+async def test_limits_off_for_load_tests(
+    region: Region, sockets: list[Socket], settings: Any
+) -> None:
+    settings.WS_MAX_CONNECTIONS_PER_DEVICE = 1
+    for _ in range(3):
+        socket = await open_socket(sockets)
+        await socket.receive_type("chat.history")
 
 
 async def test_origin_policy(region: Region, sockets: list[Socket], settings: Any) -> None:

@@ -4,6 +4,7 @@ Zammad over real HTTP (the worker runs in the test, by ``drain``)."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -269,3 +270,70 @@ async def test_zammad_token_wrong_fails_message_for_good(
     work = await Work.objects.aget(kind="forward_message")
     assert work.state == "failed"
     assert ZAMMAD_TOKEN not in work.last_error
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+
+async def test_rest_rate_limit_per_device(region: Region, rate_limits: Any) -> None:
+    rate_limits.RATE_LIMIT_REST_PER_DEVICE = 3
+    device = f"limited-{uuid.uuid4()}"
+    client = AsyncClient()
+    path = f"/api/v3/augsburg/de/chat/{device}/"
+    assert (await client.post(path, {"message": "hi"})).status_code == 200
+    for _ in range(2):
+        assert (await client.get(path)).status_code == 200
+    refused = await client.get(path)
+    assert refused.status_code == 429
+    assert body(refused) == {"error": "Too many requests."}
+    assert 1 <= int(refused["Retry-After"]) <= 60
+    refused_post = await client.post(path, {"message": "more"})
+    assert refused_post.status_code == 429
+    assert await Message.objects.filter(chat__device_id=device).acount() == 1
+    # Another device is not affected.
+    assert (
+        await client.get(f"/api/v3/augsburg/{uuid.uuid4()}/is_chat_enabled/")
+    ).status_code == 200
+
+
+class ClientAt(AsyncClient):
+    """A test client whose requests come from ``ip``."""
+
+    def __init__(self, ip: str) -> None:
+        super().__init__()
+        self.ip = ip
+
+    def _base_scope(self, **request: Any) -> dict[str, Any]:
+        scope: dict[str, Any] = super()._base_scope(**request)
+        scope["client"] = [self.ip, 0]
+        return scope
+
+
+async def test_rest_rate_limit_per_ip_honours_only_a_trusted_proxy(
+    region: Region, rate_limits: Any
+) -> None:
+    rate_limits.RATE_LIMIT_REST_PER_IP = 2
+    spoofed = {"X-Forwarded-For": f"203.0.113.{uuid.uuid4().int % 250}"}
+    client = ClientAt(f"198.51.100.{uuid.uuid4().int % 250}")
+    # Untrusted header: every request counts against the real peer address.
+    for _ in range(2):
+        answer = await client.get(
+            f"/api/v3/augsburg/{uuid.uuid4()}/is_chat_enabled/", headers=spoofed
+        )
+        assert answer.status_code == 200
+    answer = await client.get(f"/api/v3/augsburg/{uuid.uuid4()}/is_chat_enabled/", headers=spoofed)
+    assert answer.status_code == 429
+    # Trusted proxy: the header's address is the client, and it has its own budget.
+    rate_limits.TRUSTED_PROXY_HEADER = "X-Forwarded-For"
+    answer = await client.get(f"/api/v3/augsburg/{uuid.uuid4()}/is_chat_enabled/", headers=spoofed)
+    assert answer.status_code == 200
+
+
+async def test_webhook_is_not_rate_limited(region: Region, rate_limits: Any) -> None:
+    rate_limits.RATE_LIMIT_REST_PER_IP = 1
+    client = AsyncClient()
+    for _ in range(3):
+        answer = await client.post(
+            "/api/v3/webhook/zammad/?token=wrong", b"{}", content_type="application/json"
+        )
+        assert answer.status_code == 404
