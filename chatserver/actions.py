@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from . import metrics
+from .attachments import NewAttachment
 from .content import sanitize_html, text_to_html
 from .errors import (
     ChatNotFound,
@@ -33,7 +35,16 @@ from .errors import (
     WebhookUnauthorized,
 )
 from .events import Conversation, conversation
-from .models import BetaRoll, Chat, Message, Region, WebhookDelivery, Work, new_attachment_token
+from .models import (
+    BetaRoll,
+    Chat,
+    Message,
+    Region,
+    Upload,
+    WebhookDelivery,
+    Work,
+    new_attachment_token,
+)
 from .publish import Outbox
 
 logger = logging.getLogger(__name__)
@@ -266,13 +277,6 @@ def messages_after(chat_region_id: int, device_id: str, after: int) -> list[tupl
 
 
 @dataclass(frozen=True)
-class NewAttachment:
-    name: str
-    data: bytes
-    mime_type: str
-
-
-@dataclass(frozen=True)
 class SendResult:
     chat: Chat
     message: Message | None  # None for a consent-only POST
@@ -287,11 +291,12 @@ async def send_message(
     text: str | None,
     consent: bool | None = None,
     client_id: str | None = None,
+    attachments: Sequence[NewAttachment] = (),
     route: Route = "rest",
 ) -> SendResult:
     outbox = Outbox()
     result = await database_sync_to_async(_store_message)(
-        region_slug, language, device_id, text, consent, client_id, route, outbox
+        region_slug, language, device_id, text, consent, client_id, attachments, route, outbox
     )
     await outbox.send()
     return result
@@ -304,15 +309,16 @@ def _store_message(
     text: str | None,
     consent: bool | None,
     client_id: str | None,
+    attachments: Sequence[NewAttachment],
     route: Route,
     outbox: Outbox,
 ) -> SendResult:
     region = configured_region(region_slug)
-    if text is None and consent is None:
+    if text is None and not attachments and consent is None:
         raise InvalidMessage("The request has no message.")
     with transaction.atomic():
         chat = current_chat(region, device_id, lock=True)
-        if text is None:
+        if text is None and not attachments:
             # Only the evaluation consent: it belongs to an existing conversation.
             if chat is None:
                 raise ChatNotFound
@@ -327,18 +333,40 @@ def _store_message(
             chat = _open_chat(region, device_id, language)
         chat.language = language
         _touch(chat)
+        uploads = [
+            Upload(
+                token=new_attachment_token(),
+                name=item.name,
+                mime_type=item.mime_type,
+                data=item.data,
+            )
+            for item in attachments
+        ]
         message = _append(
             chat,
             outbox,
             role=Message.Role.USER,
-            content=text_to_html(text),
+            content=text_to_html(text or ""),
             status=Message.Status.PENDING,
             client_id=client_id,
+            attachments=[
+                {
+                    "name": upload.name,
+                    "size": len(upload.data),
+                    "mime_type": upload.mime_type,
+                    "token": upload.token,
+                }
+                for upload in uploads
+            ],
         )
+        for upload in uploads:
+            upload.message = message
+        Upload.objects.bulk_create(uploads)
         enqueue(chat, Work.Kind.FORWARD_MESSAGE, message)
-        if bot_enabled() and language != region.default_language:
-            enqueue(chat, Work.Kind.TRANSLATE_QUESTION, message)
-        _request_answer(chat, outbox)
+        if text is not None:
+            if bot_enabled() and language != region.default_language:
+                enqueue(chat, Work.Kind.TRANSLATE_QUESTION, message)
+            _request_answer(chat, outbox)
         _set_consent(chat, consent, outbox)
         _save(chat)
     metrics.MESSAGES.labels("in", route).inc()
@@ -576,3 +604,46 @@ def _apply_ticket_change(
         _request_sync(chat)
     _save(chat)
     return outcome
+
+
+# --- attachments ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttachmentRef:
+    name: str
+    mime_type: str
+    ticket_id: int | None  # None: not in Zammad yet, ``data`` holds it
+    article_id: int | None
+    attachment_id: int | None
+    data: bytes | None
+    region: Region
+
+
+@database_sync_to_async
+def find_attachment(region_slug: str, device_id: str, token: str) -> AttachmentRef:
+    """An attachment of the device's current chat, by its unguessable token (else NotFound)."""
+    region = configured_region(region_slug)
+    chat = current_chat(region, device_id)
+    if chat is None or not token:
+        raise NotFound
+    # A scan over the chat's few messages with attachments (works on SQLite, too).
+    for message in chat.messages.exclude(attachments=[]):
+        for item in message.attachments:
+            if item.get("token") != token:
+                continue
+            upload = None
+            if item.get("attachment_id") is None:
+                upload = Upload.objects.filter(message=message, token=token).first()
+                if upload is None:
+                    break
+            return AttachmentRef(
+                name=item["name"],
+                mime_type=item["mime_type"],
+                ticket_id=chat.zammad_ticket_id,
+                article_id=item.get("article_id"),
+                attachment_id=item.get("attachment_id"),
+                data=bytes(upload.data) if upload is not None else None,
+                region=region,
+            )
+    raise NotFound

@@ -34,9 +34,9 @@ from .actions import (
 from .chatbot import ChatbotClient
 from .content import html_to_text, sanitize_html
 from .errors import UpstreamError
-from .models import Chat, Message, Region, Work
+from .models import Chat, Message, Region, Upload, Work
 from .publish import Outbox
-from .zammad import ZammadClient
+from .zammad import OutgoingAttachment, ZammadClient
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ async def post_message(work: Work) -> None:
     message = work.message
     assert message is not None
     if message.zammad_article_id is not None:
-        await _mark_sent(message.pk, message.zammad_article_id)
+        await _mark_sent(message.pk, {"id": message.zammad_article_id})
         return
     chat = work.chat
     ticket_id = await ensure_ticket(chat)
@@ -128,29 +128,50 @@ async def post_message(work: Work) -> None:
             subject=USER_SUBJECT if from_device else AUTOMATIC_SUBJECT,
             internal=False,
             article_type="web" if from_device else "note",
+            attachments=await database_sync_to_async(_outgoing_attachments)(message.pk),
             preferences={OWN_MARK: {"message_id": message.pk}},
         )
-    await _mark_sent(message.pk, int(article["id"]))
+    await _mark_sent(message.pk, article)
 
 
-def _mark_sent_sync(message_id: int, article_id: int, outbox: Outbox) -> None:
+def _outgoing_attachments(message_id: int) -> list[OutgoingAttachment]:
+    return [
+        OutgoingAttachment(
+            filename=upload.name, data=bytes(upload.data), mime_type=upload.mime_type
+        )
+        for upload in Upload.objects.filter(message_id=message_id).order_by("id")
+    ]
+
+
+def _link_attachments(message: Message, article: dict[str, Any]) -> None:
+    """Zammad has the files now: downloads come from there, the server's copies go."""
+    stored = [item for item in article.get("attachments") or [] if isinstance(item, dict)]
+    for item, zammad_item in zip(message.attachments, stored, strict=False):
+        item["article_id"] = article["id"]
+        item["attachment_id"] = zammad_item.get("id")
+    Upload.objects.filter(message=message).delete()
+
+
+def _mark_sent_sync(message_id: int, article: dict[str, Any], outbox: Outbox) -> None:
     with transaction.atomic():
         chat_id = Message.objects.values_list("chat_id", flat=True).get(pk=message_id)
         chat = _locked_chat(chat_id)
         message = Message.objects.get(pk=message_id)
         changed = message.status != Message.Status.SENT
-        message.zammad_article_id = article_id
+        message.zammad_article_id = int(article["id"])
         message.status = Message.Status.SENT
-        message.save(update_fields=["zammad_article_id", "status"])
+        if message.attachments and "attachments" in article:
+            _link_attachments(message, article)
+        message.save(update_fields=["zammad_article_id", "status", "attachments"])
         if changed:
             chat.version += 1
             _save(chat)
             outbox.status(chat, message)
 
 
-async def _mark_sent(message_id: int, article_id: int) -> None:
+async def _mark_sent(message_id: int, article: dict[str, Any]) -> None:
     outbox = Outbox()
-    await database_sync_to_async(_mark_sent_sync)(message_id, article_id, outbox)
+    await database_sync_to_async(_mark_sent_sync)(message_id, article, outbox)
     await outbox.send()
 
 
@@ -257,7 +278,9 @@ def _apply_articles(chat_id: int, articles: list[dict[str, Any]], outbox: Outbox
             if message.status == Message.Status.PENDING:
                 message.status = Message.Status.SENT
                 outbox.status(chat, message)
-            message.save(update_fields=["zammad_article_id", "status"])
+            if message.attachments:
+                _link_attachments(message, article)
+            message.save(update_fields=["zammad_article_id", "status", "attachments"])
             chat.version += 1
         _save(chat)
 
@@ -270,6 +293,12 @@ async def answer(work: Work) -> None:
     chat = work.chat
     questions = await database_sync_to_async(_recent_questions)(chat.pk)
     outbox = Outbox()
+    if not await database_sync_to_async(_automatic_answers_on)(chat.pk):
+        # Switched off after this answer was queued (the answer before it handed over to a
+        # human, or a counsellor took over): only counsellors answer now.
+        await database_sync_to_async(_answer_done)(work.pk, chat.pk, None, None, outbox)
+        await outbox.send()
+        return
     try:
         reply = await chatbot().answer(
             questions,
@@ -287,6 +316,10 @@ async def answer(work: Work) -> None:
         work.pk, chat.pk, sanitize_html(reply.answer), reply.automatic_answers, outbox
     )
     await outbox.send()
+
+
+def _automatic_answers_on(chat_id: int) -> bool:
+    return bool(Chat.objects.values_list("automatic_answers", flat=True).get(pk=chat_id))
 
 
 def _recent_questions(chat_id: int) -> list[str]:
@@ -307,6 +340,9 @@ def _answer_done(
 ) -> None:
     with transaction.atomic():
         chat = _locked_chat(chat_id)
+        if not chat.automatic_answers:
+            # Switched off while the bot worked: the answer and its flag come too late.
+            content, automatic_answers = None, None
         if content is not None and content.strip():
             message = _append(
                 chat,

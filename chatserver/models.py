@@ -170,6 +170,19 @@ class Message(models.Model):
         return f"{self.role} message {self.pk}"
 
 
+class Upload(models.Model):
+    """A device's attachment, kept until Zammad has it (then it is served from Zammad)."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="uploads")
+    token = models.CharField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    mime_type = models.CharField(max_length=100)
+    data = models.BinaryField()
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Work(models.Model):
     """Durable background work: a transactional outbox, claimed with row locks by workers.
 

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import path, re_path
 
-from . import views
+from . import demo, views
 
 urlpatterns = [
     path("healthz", views.healthz),
@@ -9,9 +9,16 @@ urlpatterns = [
     path("api/v3/<str:region>/<str:device_id>/is_chat_enabled/", views.is_chat_enabled),
     path("api/v3/<str:region>/<str:language>/chat/<str:device_id>/", views.chat),
     path(
+        "api/v3/<str:region>/<str:language>/chat/<str:device_id>/attachments/<str:token>/",
+        views.attachment,
+    ),
+    path(
         "<str:region>/<str:language>/wp-json/extensions/v3/chat/<str:device_id>/",
         views.chat,
     ),
+    # The browser demo client (chatserver/demo.py): a 404 unless CHAT_DEMO_PAGE is on.
+    path("demo/", demo.page, name="chat-demo"),
+    path("demo/<str:name>", demo.asset, name="chat-demo-asset"),
     path("admin/", admin.site.urls),
     # Anything else under the API prefixes (a device id with a slash, say) is a JSON 404.
     re_path(r"^api/", views.not_found),

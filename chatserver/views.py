@@ -10,12 +10,25 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.http.multipartparser import MultiPartParserError
+from django.utils.http import content_disposition_header
 from django.views.decorators.csrf import csrf_exempt
 
-from . import actions, limits, validation
-from .errors import INTERNAL_ERROR_TEXT, ChatError, InvalidMessage, PayloadTooLarge
+from . import actions, attachments, limits, validation
+from .errors import (
+    INTERNAL_ERROR_TEXT,
+    ChatError,
+    InvalidMessage,
+    PayloadTooLarge,
+    UpstreamError,
+)
 from .events import rest_message
 from .models import device_key
 
@@ -23,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Typed loosely on purpose: django-stubs' ``path()`` does not know async views.
 View = Callable[..., Any]
+
+ATTACHMENT_UNAVAILABLE_TEXT = "The attachment cannot be fetched from the chat server right now."
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -41,14 +56,14 @@ def error_response(error: ChatError) -> JsonResponse:
     return response
 
 
-def api_view(view: Callable[..., Awaitable[HttpResponse]]) -> View:
+def api_view(view: Callable[..., Awaitable[HttpResponseBase]]) -> View:
     """CORS, OPTIONS, and the one place where typed errors become REST answers."""
 
     @csrf_exempt
     @wraps(view)
-    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if request.method == "OPTIONS":
-            response: HttpResponse = HttpResponse(status=204)
+            response: HttpResponseBase = HttpResponse(status=204)
         else:
             try:
                 response = await view(request, *args, **kwargs)
@@ -130,6 +145,7 @@ async def _post(request: HttpRequest, region: str, language: str, device_id: str
         client_id=validation.client_id(
             fields.get("client_id") or request.headers.get("Idempotency-Key")
         ),
+        attachments=attachments.validate(request.FILES.getlist("attachment")),
         route="rest",
     )
     snapshot = await actions.read_conversation(region, device_id)
@@ -165,6 +181,28 @@ def _conversation_response(conversation: dict[str, Any] | Any) -> JsonResponse:
     body = dict(conversation)
     body["messages"] = [rest_message(message) for message in conversation["messages"]]
     return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
+
+
+@api_view
+async def attachment(
+    request: HttpRequest, region: str, language: str, device_id: str, token: str
+) -> HttpResponse | StreamingHttpResponse:
+    """Only the device that owns the chat, with the attachment's unguessable token."""
+    validation.language(language)
+    device_id = validation.device_id(device_id)
+    await check_rate_limits(request, device_id)
+    ref = await actions.find_attachment(region, device_id, token)
+    try:
+        download = await attachments.open_download(ref)
+    except UpstreamError:
+        return JsonResponse({"error": ATTACHMENT_UNAVAILABLE_TEXT}, status=503)
+    response = StreamingHttpResponse(download.chunks, content_type=download.content_type)
+    if download.content_length is not None:
+        response["Content-Length"] = str(download.content_length)
+    response["Content-Disposition"] = content_disposition_header(True, ref.name) or "attachment"
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "private, no-store"
+    return response
 
 
 @api_view
