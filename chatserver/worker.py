@@ -22,12 +22,15 @@ from django.utils import timezone
 
 from . import background, metrics
 from .errors import UpstreamError
-from .models import Work
+from .models import WebhookDelivery, Work
 
 logger = logging.getLogger(__name__)
 
 # Translations are a courtesy: after this many temporary failures they are given up. Messages
 # are never given up while Zammad is only unreachable.
+FINISHED_WORK_RETENTION_DAYS = 7
+PURGE_INTERVAL_SECS = 3600
+
 GIVE_UP_AFTER_ATTEMPTS = {Work.Kind.TRANSLATE_QUESTION: 20, Work.Kind.TRANSLATE_REPLY: 20}
 
 
@@ -164,8 +167,34 @@ async def report_depth(stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 5)
 
 
+def purge_old_records() -> tuple[int, int]:
+    """Webhook deliveries are kept for the replay window only, finished work for a week."""
+    now = timezone.now()
+    deliveries, _ = WebhookDelivery.objects.filter(
+        received_at__lt=now - timedelta(days=settings.WEBHOOK_DELIVERY_RETENTION_DAYS)
+    ).delete()
+    finished, _ = Work.objects.filter(
+        state=Work.State.DONE, finished_at__lt=now - timedelta(days=FINISHED_WORK_RETENTION_DAYS)
+    ).delete()
+    return deliveries, finished
+
+
+async def purge_periodically(stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            deliveries, finished = await database_sync_to_async(purge_old_records)()
+            if deliveries or finished:
+                logger.info("purged %s webhook deliveries, %s finished work", deliveries, finished)
+        except Exception:
+            logger.warning("purging old records failed", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PURGE_INTERVAL_SECS)
+
+
 async def run_worker(stop: asyncio.Event, concurrency: int | None = None) -> None:
     slots = concurrency or settings.WORKER_CONCURRENCY
     logger.info("worker started with %s slots", slots)
-    await asyncio.gather(report_depth(stop), *(run_slot(stop) for _ in range(slots)))
+    await asyncio.gather(
+        report_depth(stop), purge_periodically(stop), *(run_slot(stop) for _ in range(slots))
+    )
     logger.info("worker stopped")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
 from chatserver.fakes.base import ThreadedServer
@@ -243,3 +244,27 @@ async def test_oversized_body_is_refused(region: Region, settings: Any) -> None:
         HOOK, raw, content_type="application/json", headers={"X-Hub-Signature": _sign(raw)}
     )
     assert answer.status_code == 413
+
+
+async def test_deliveries_are_remembered_for_the_retention_window(
+    region: Region, settings: Any
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chatserver.worker import purge_old_records
+
+    settings.WEBHOOK_DELIVERY_RETENTION_DAYS = 7
+    now = timezone.now()
+    old = await WebhookDelivery.objects.acreate(
+        region=region, delivery_id="old", outcome="message", received_at=now - timedelta(days=8)
+    )
+    recent = await WebhookDelivery.objects.acreate(
+        region=region, delivery_id="recent", outcome="message", received_at=now - timedelta(days=6)
+    )
+    deliveries, _ = await sync_to_async(purge_old_records)()
+    assert deliveries == 1
+    remaining = [d.delivery_id async for d in WebhookDelivery.objects.all()]
+    assert remaining == [recent.delivery_id]
+    assert old.delivery_id not in remaining

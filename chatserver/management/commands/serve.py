@@ -35,7 +35,9 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
     # daphne.server installs Twisted's asyncio reactor on import: import it first.
     from daphne.server import Server
     from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
 
+    from chatserver import chatbot, zammad
     from chatserver.asgi import application
     from chatserver.worker import run_worker
 
@@ -48,6 +50,15 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
 
         reactor.callWhenRunning(start_worker)
         reactor.addSystemEventTrigger("before", "shutdown", stop.set)  # type: ignore[arg-type]
+
+    async def close_sessions() -> None:
+        await zammad.close_sessions()
+        await chatbot.close_sessions()
+
+    def closing_sessions() -> Deferred[None]:
+        return Deferred.fromFuture(asyncio.ensure_future(close_sessions()))
+
+    reactor.addSystemEventTrigger("before", "shutdown", closing_sessions)  # type: ignore[arg-type]
     interface = host.strip("[]")
     Server(
         application=application,
