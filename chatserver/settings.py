@@ -105,6 +105,8 @@ REDIS_URL = env_str("REDIS_URL", "")
 # channels-redis as shipped loses pushes under load; see docs/operations.md, "Channel layer".
 CHANNEL_CAPACITY = env_int("CHANNEL_CAPACITY", 10_000)
 REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 64)
+# Prefix of every Redis key the server writes (channel layer, limits): one Redis, many deployments.
+CHANNEL_PREFIX = env_str("CHANNEL_PREFIX", "chat")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -114,7 +116,7 @@ if REDIS_URL:
                 "capacity": CHANNEL_CAPACITY,
                 "expiry": 60,
                 "group_expiry": 86400,
-                "prefix": env_str("CHANNEL_PREFIX", "chat"),
+                "prefix": CHANNEL_PREFIX,
             },
         }
     }
@@ -172,14 +174,30 @@ WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 8)
 WORKER_LEASE_SECS = env_float("WORKER_LEASE_SECS", 120)
 WORKER_MAX_BACKOFF_SECS = env_float("WORKER_MAX_BACKOFF_SECS", 300)
 
+# The browser demo client at /demo/ (chatserver/demo.py): development only. `manage.py demo`
+# turns it on and points the agent console link at its fake Zammad.
+CHAT_DEMO_PAGE = env_bool("CHAT_DEMO_PAGE", DEBUG)
+CHAT_DEMO_ZAMMAD_CONSOLE_URL = env_str("CHAT_DEMO_ZAMMAD_CONSOLE_URL", "")
+
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+# "plain" (default) or "json" (one object per line). Both carry the request, chat and webhook
+# delivery ids where known (chatserver/logging.py).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"context": {"()": "chatserver.logging.ContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s%(context)s %(message)s"},
+        "json": {"()": "chatserver.logging.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.request": {"level": "ERROR"},

@@ -69,7 +69,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         }
         self.ip = limits.client_ip(self.scope.get("client"), headers)
         self.region_id = await actions.socket_region(self.region_slug)
-        limits.connections.acquire(device_key(self.device_id), self.ip)
+        await limits.connections.acquire(device_key(self.device_id), self.ip, self.channel_name)
         self.counted = True
         metrics.SOCKETS_OPEN.inc()
         self.group = chat_group(self.region_id, self.device_id)
@@ -101,7 +101,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             with contextlib.suppress(Exception):  # Redis may be away; the group expires anyway
                 await self.channel_layer.group_discard(self.group, self.channel_name)
         if self.counted:
-            limits.connections.release(device_key(self.device_id), self.ip)
+            await limits.connections.release(self.channel_name)
             metrics.SOCKETS_OPEN.dec()
             self.counted = False
 

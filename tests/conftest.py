@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatserver import chatbot as chatbot_client
-from chatserver import worker
+from chatserver import limits, worker
 from chatserver import zammad as zammad_client
 from chatserver.fakes.base import free_port
 from chatserver.fakes.chatbot import FakeChatbot, FakeChatbotServer
@@ -68,6 +68,7 @@ async def _close_client_sessions() -> AsyncIterator[None]:
     yield
     await zammad_client.close_sessions()
     await chatbot_client.close_sessions()
+    await limits.close_clients()
 
 
 @pytest.fixture(autouse=True)
@@ -229,8 +230,19 @@ class PrivateRedis:
 
     def start(self) -> PrivateRedis:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_for_sync(self._ready, timeout=10, what="private redis")

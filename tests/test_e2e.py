@@ -18,7 +18,7 @@ from chatserver.fakes.base import free_port
 from chatserver.models import Region
 
 from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, Daphne, PrivateRedis, drain, server_env
-from .helpers import check_frame
+from .helpers import check_frame, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -242,3 +242,45 @@ async def test_redis_restart_under_live_sockets(
             ]
     finally:
         server.stop()
+
+
+async def test_limits_hold_across_processes(live_region: Region) -> None:
+    env = server_env(
+        CHATBOT_URL="",
+        CHAT_RATE_LIMITS_ENABLED="true",
+        WS_MAX_CONNECTIONS_PER_DEVICE="1",
+        RATE_LIMIT_SENDS_PER_DEVICE="2",
+        CHANNEL_PREFIX=f"limits-{free_port()}",
+    )
+    first = Daphne(free_port(), env).start()
+    second = Daphne(free_port(), env).start()
+    try:
+        async with device(first, "e2e-device-i") as client:
+            await client.next_of("chat.history")
+            # The device's one place is taken on the first process: the second refuses.
+            async with device(second, "e2e-device-i") as refused:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await read_until_closed(refused)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4429
+            for number in range(3):
+                frame = {"type": "chat.send", "client_id": f"c{number}", "message": "x"}
+                await client.connection.send(json.dumps(frame))
+            acks = [await client.next_of("chat.ack") for _ in range(2)]
+            error = await client.next_of("error")
+            assert [ack["client_id"] for ack in acks] == ["c0", "c1"]
+            assert error["code"] == "rate_limited"
+        # Closed on the first process: the place is free for the second, once the first has
+        # seen the close (a client retries as it would after any 4429).
+        async def reconnects() -> bool:
+            try:
+                async with device(second, "e2e-device-i") as moved:
+                    await moved.next_of("chat.history")
+                    return True
+            except ConnectionClosed:
+                return False
+
+        await wait_for(reconnects, timeout=10, what="the freed place")
+    finally:
+        first.stop()
+        second.stop()
