@@ -13,12 +13,12 @@ T = TypeVar("T")
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[T | None] | T | None],
+    condition: Callable[[], Any],
     *,
     timeout: float = 10,
     interval: float = 0.02,
     what: str = "condition",
-) -> T:
+) -> Any:
     """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

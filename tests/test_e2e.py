@@ -270,6 +270,7 @@ async def test_limits_hold_across_processes(live_region: Region) -> None:
             error = await client.next_of("error")
             assert [ack["client_id"] for ack in acks] == ["c0", "c1"]
             assert error["code"] == "rate_limited"
+
         # Closed on the first process: the place is free for the second, once the first has
         # seen the close (a client retries as it would after any 4429).
         async def reconnects() -> bool:
