@@ -36,7 +36,7 @@ def body(response: Any) -> dict[str, Any]:
 
 
 async def download(client: AsyncClient, url: str) -> tuple[int, bytes, Any]:
-    response = await client.get(url)
+    response: Any = await client.get(url)
     if getattr(response, "streaming", False):
         content = b"".join([chunk async for chunk in response.streaming_content])
     else:

@@ -304,7 +304,7 @@ class ClientAt(AsyncClient):
         self.ip = ip
 
     def _base_scope(self, **request: Any) -> dict[str, Any]:
-        scope: dict[str, Any] = super()._base_scope(**request)
+        scope: dict[str, Any] = super()._base_scope(**request)  # type: ignore[misc]
         scope["client"] = [self.ip, 0]
         return scope
 
