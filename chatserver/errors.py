@@ -96,6 +96,15 @@ class RateLimited(ChatError):
         self.retry_after_secs = max(1, retry_after_secs)
 
 
+class Unavailable(ChatError):
+    """The database is unreachable: nothing can be stored now, so nothing is acknowledged."""
+
+    code = "unavailable"
+    http_status = 503
+    close_code = 1013  # try again later
+    message = "The chat server is temporarily unavailable. Please try again later."
+
+
 INTERNAL_ERROR_TEXT = "An error occurred while attempting to connect to the chat server."
 
 

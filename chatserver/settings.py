@@ -87,7 +87,11 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # Health checks: a connection that broke while idle (a database restart) is replaced at the
+    # start of the next request instead of failing it.
+    DATABASES = {
+        "default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
+    }
 else:
     # The embedded default. IMMEDIATE transactions and a busy timeout keep a separate worker
     # process from turning concurrent writes into "database is locked" errors.

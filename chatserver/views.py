@@ -10,6 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import DatabaseError
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -21,12 +22,13 @@ from django.http.multipartparser import MultiPartParserError
 from django.utils.http import content_disposition_header
 from django.views.decorators.csrf import csrf_exempt
 
-from . import actions, attachments, limits, validation
+from . import actions, attachments, limits, metrics, validation
 from .errors import (
     INTERNAL_ERROR_TEXT,
     ChatError,
     InvalidMessage,
     PayloadTooLarge,
+    Unavailable,
     UpstreamError,
 )
 from .events import rest_message
@@ -69,6 +71,9 @@ def api_view(view: Callable[..., Awaitable[HttpResponseBase]]) -> View:
                 response = await view(request, *args, **kwargs)
             except ChatError as error:
                 response = error_response(error)
+            except DatabaseError:
+                logger.warning("database unavailable during %s", view.__name__, exc_info=True)
+                response = error_response(Unavailable())
             except RequestDataTooBig:
                 response = error_response(PayloadTooLarge())
             except (SuspiciousOperation, MultiPartParserError):
@@ -209,13 +214,18 @@ async def attachment(
 async def zammad_webhook(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return JsonResponse({"error": "Method not allowed."}, status=405)
-    body = _limited_body(request)
-    outcome = await actions.receive_webhook(
-        request.GET.get("token"),
-        body,
-        signature=request.headers.get("X-Hub-Signature"),
-        delivery_id=request.headers.get("X-Zammad-Delivery"),
-    )
+    try:
+        body = _limited_body(request)
+        outcome = await actions.receive_webhook(
+            request.GET.get("token"),
+            body,
+            signature=request.headers.get("X-Hub-Signature"),
+            delivery_id=request.headers.get("X-Zammad-Delivery"),
+        )
+    except ChatError as error:
+        # A wrong token or signature secret shows here long before anyone misses a reply.
+        metrics.WEBHOOKS.labels(f"rejected_{error.code}").inc()
+        raise
     return JsonResponse({"status": "ok", "outcome": outcome})
 
 
@@ -237,3 +247,18 @@ async def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResp
 
 async def healthz(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"alive": True})
+
+
+def _openapi_document() -> bytes:
+    from importlib.resources import files
+
+    return files("chatserver").joinpath("openapi.yaml").read_bytes()
+
+
+async def openapi(request: HttpRequest) -> HttpResponse:
+    """The OpenAPI document of the REST endpoints (chatserver/openapi.yaml, packaged with it)."""
+    if request.method not in {"GET", "HEAD"}:
+        return JsonResponse({"error": "Method not allowed."}, status=405, headers={"Allow": "GET"})
+    response = HttpResponse(_openapi_document(), content_type="application/yaml")
+    response["Access-Control-Allow-Origin"] = "*"
+    return response

@@ -17,9 +17,10 @@ from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import DatabaseError
 
 from chatserver import actions, limits, metrics, validation
-from chatserver.errors import ChatError, InvalidFrame, InvalidMessage, RateLimited
+from chatserver.errors import ChatError, InvalidFrame, InvalidMessage, RateLimited, Unavailable
 from chatserver.events import (
     AckFrame,
     ErrorFrame,
@@ -118,6 +119,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._chat_send(frame)
         except ChatError as error:
             await self._refuse(error, client_id)
+        except DatabaseError:
+            logger.warning("database unavailable for a socket send", exc_info=True)
+            await self._refuse(Unavailable(), client_id)
 
     async def _chat_send(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_id")

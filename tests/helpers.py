@@ -123,4 +123,5 @@ def check_frame(frame: dict[str, Any]) -> None:
             "invalid_message",
             "rate_limited",
             "not_configured",
+            "unavailable",
         }, frame
