@@ -238,9 +238,20 @@ def read_conversation(
     if_none_match: str | None = None,
     allow_missing: bool = False,
 ) -> Snapshot:
-    """The current chat's messages (only those with ``id > after``). Never calls Zammad."""
-    region = configured_region(region_slug)
-    chat = current_chat(region, device_id)
+    """The current chat's messages (only those with ``id > after``). Never calls Zammad.
+
+    A poll is the hot path: the chat and its region come in one query, and a poll answered by
+    its ETag needs no other."""
+    chat = (
+        Chat.objects.select_related("region")
+        .filter(region__slug=region_slug, device_id=device_id, is_current=True)
+        .first()
+    )
+    if chat is not None and not chat.region.is_configured:
+        raise NotConfigured
+    if chat is None or chat.is_expired:
+        configured_region(region_slug)  # NotFound or NotConfigured before "Chat not found."
+        chat = None
     if chat is None:
         if not allow_missing:
             raise ChatNotFound
