@@ -128,7 +128,7 @@ def _touch(chat: Chat) -> None:
     chat.expires_at = Chat.expiry_from(now)
 
 
-def _append(chat: Chat, outbox: Outbox, **fields: Any) -> Message:
+def append_message(chat: Chat, outbox: Outbox, **fields: Any) -> Message:
     """Add a message to a locked chat and publish it after the commit."""
     message = Message.objects.create(chat=chat, **fields)
     prev_id = chat.last_message_id
@@ -138,7 +138,7 @@ def _append(chat: Chat, outbox: Outbox, **fields: Any) -> Message:
     return message
 
 
-def _save(chat: Chat) -> None:
+def save_chat(chat: Chat) -> None:
     chat.save(
         update_fields=[
             "language",
@@ -334,7 +334,7 @@ def _store_message(
             if chat is None:
                 raise ChatNotFound
             _set_consent(chat, consent, outbox)
-            _save(chat)
+            save_chat(chat)
             return SendResult(chat, None, duplicate=False)
         if chat is not None and client_id is not None:
             stored = chat.messages.filter(client_id=client_id).first()
@@ -353,7 +353,7 @@ def _store_message(
             )
             for item in attachments
         ]
-        message = _append(
+        message = append_message(
             chat,
             outbox,
             role=Message.Role.USER,
@@ -379,7 +379,7 @@ def _store_message(
                 enqueue(chat, Work.Kind.TRANSLATE_QUESTION, message)
             _request_answer(chat, outbox)
         _set_consent(chat, consent, outbox)
-        _save(chat)
+        save_chat(chat)
     metrics.MESSAGES.labels("in", route).inc()
     logger.info(
         "message %s stored for chat %s (device %s, %s)",
@@ -464,7 +464,7 @@ def ingest_counsellor_article(
     content = (
         sanitize_html(body) if article.get("content_type") == "text/html" else text_to_html(body)
     )
-    message = _append(
+    message = append_message(
         chat,
         outbox,
         role=Message.Role.AGENT,
@@ -613,7 +613,7 @@ def _apply_ticket_change(
         )
     ):
         _request_sync(chat)
-    _save(chat)
+    save_chat(chat)
     return outcome
 
 

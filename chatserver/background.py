@@ -21,14 +21,14 @@ from .actions import (
     AUTOMATIC_SUBJECT,
     OWN_MARK,
     USER_SUBJECT,
-    _append,
-    _save,
+    append_message,
     classify_article,
     enqueue,
     ignore_article,
     ingest_counsellor_article,
     known_article_ids,
     own_message_id,
+    save_chat,
     set_typing,
 )
 from .chatbot import ChatbotClient
@@ -61,7 +61,7 @@ async def customer_login(region: Region) -> str:
 
 
 @database_sync_to_async
-def _load(work_id: int) -> Work:
+def load_work(work_id: int) -> Work:
     return Work.objects.select_related("chat__region", "message").get(pk=work_id)
 
 
@@ -165,7 +165,7 @@ def _mark_sent_sync(message_id: int, article: dict[str, Any], outbox: Outbox) ->
         message.save(update_fields=["zammad_article_id", "status", "attachments"])
         if changed:
             chat.version += 1
-            _save(chat)
+            save_chat(chat)
             outbox.status(chat, message)
 
 
@@ -196,7 +196,7 @@ def _mark_failed_sync(message_id: int, outbox: Outbox) -> None:
             message.status = Message.Status.FAILED
             message.save(update_fields=["status"])
             chat.version += 1
-            _save(chat)
+            save_chat(chat)
             outbox.status(chat, message)
 
 
@@ -282,7 +282,7 @@ def _apply_articles(chat_id: int, articles: list[dict[str, Any]], outbox: Outbox
                 _link_attachments(message, article)
             message.save(update_fields=["zammad_article_id", "status", "attachments"])
             chat.version += 1
-        _save(chat)
+        save_chat(chat)
 
 
 # --- bot lane ---------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def _answer_done(
             # Switched off while the bot worked: the answer and its flag come too late.
             content, automatic_answers = None, None
         if content is not None and content.strip():
-            message = _append(
+            message = append_message(
                 chat,
                 outbox,
                 role=Message.Role.AGENT,
@@ -365,7 +365,7 @@ def _answer_done(
             .exists()
         )
         set_typing(chat, more and chat.automatic_answers, outbox)
-        _save(chat)
+        save_chat(chat)
 
 
 async def translate_reply(work: Work) -> None:
@@ -392,7 +392,7 @@ def _store_translation(chat_id: int, original_id: int, content: str, outbox: Out
         chat = _locked_chat(chat_id)
         if Message.objects.filter(translation_of_id=original_id).exists():
             return
-        message = _append(
+        message = append_message(
             chat,
             outbox,
             role=Message.Role.AGENT,
@@ -403,7 +403,7 @@ def _store_translation(chat_id: int, original_id: int, content: str, outbox: Out
         )
         enqueue(chat, Work.Kind.POST_MESSAGE, message)
         metrics.MESSAGES.labels("out", "bot").inc()
-        _save(chat)
+        save_chat(chat)
 
 
 HANDLERS: dict[str, Callable[[Work], Awaitable[None]]] = {
@@ -418,6 +418,6 @@ HANDLERS: dict[str, Callable[[Work], Awaitable[None]]] = {
 
 
 async def run(work_id: int) -> Work:
-    work = await _load(work_id)
+    work = await load_work(work_id)
     await HANDLERS[work.kind](work)
     return work

@@ -132,7 +132,7 @@ async def run_one() -> bool:
             "; giving up" if done.state == Work.State.FAILED else "; will retry",
         )
         if done.state == Work.State.FAILED:
-            await background.mark_failed(await background._load(work_id))
+            await background.mark_failed(await background.load_work(work_id))
     elif work is not None:
         logger.debug("work %s (%s) done", work.pk, work.kind)
     return True
