@@ -1,29 +1,97 @@
-"""Frames over the size limit close the socket with 1009, as the wire contract says.
+"""daphne's WebSocket factory, adjusted for the wire contract: frame size limit and going away.
 
-autobahn, under daphne, lets an application close only with 1000 or 3000-4999, and by default
-answers an oversized message by dropping the TCP connection (1006). The limit has to be set on
-the protocol factory daphne builds, with ``failByDrop`` off so that autobahn sends the 1009
-close itself. daphne offers no hook for that, so its factory class is replaced once, on import
-of ``chatserver.asgi``, which both ``daphne chatserver.asgi:application`` and ``manage.py serve``
-do before daphne builds the factory.
+Frames over the size limit close the socket with 1009. autobahn, under daphne, lets an
+application close only with 1000 or 3000-4999, and by default answers an oversized message by
+dropping the TCP connection (1006). The limit has to be set on the protocol factory daphne builds,
+with ``failByDrop`` off so that autobahn sends the 1009 close itself.
+
+On SIGTERM, open sockets close with 1001 (going away), so clients reconnect at once, to another
+process, and resume. daphne 4.2 itself only cancels the application instances before the reactor
+stops and lets the process exit under its sockets: clients see the TCP connection drop (1006)
+with no close frame. The factory therefore adds a reactor "before shutdown" trigger of its own
+that sends every open socket a 1001 close frame and holds the shutdown until the close handshakes
+are done, or ``GOING_AWAY_WAIT_SECS`` have passed.
+
+daphne offers no hook for either, so its factory class is replaced once, on import of
+``chatserver.asgi``, which both ``daphne chatserver.asgi:application`` and ``manage.py serve`` do
+before daphne builds the factory.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import daphne.server
-from daphne.ws_protocol import WebSocketFactory
+from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+GOING_AWAY = 1001
+GOING_AWAY_REASON = b"server restarting"
+# autobahn drops a connection whose client does not answer a close within 1 s (its default
+# closeHandshakeTimeout); this only bounds the wait for the slowest of them.
+GOING_AWAY_WAIT_SECS = 3.0
+
+
+class ChatWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]
+    """daphne's protocol, telling a shutdown waiting for it when it has closed."""
+
+    closed_waiter: Any = None  # a Twisted Deferred while a shutdown waits for this socket
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            super().onClose(wasClean, code, reason)
+        finally:
+            waiter, self.closed_waiter = self.closed_waiter, None
+            if waiter is not None and not waiter.called:
+                waiter.callback(None)
 
 
 class LimitedWebSocketFactory(WebSocketFactory):  # type: ignore[misc]
+    protocol = ChatWebSocketProtocol
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # daphne.server installed Twisted's asyncio reactor on import; this is that reactor.
+        from twisted.internet import reactor
+
+        # The interface's stub has no ``self``, so mypy sees the arguments shifted by one.
+        trigger = self.close_sockets_going_away
+        reactor.addSystemEventTrigger("before", "shutdown", trigger)  # type: ignore[arg-type]
+
     def setProtocolOptions(self, **options: Any) -> None:
         limit = settings.WS_MAX_FRAME_BYTES
         options["maxMessagePayloadSize"] = min(options.get("maxMessagePayloadSize") or limit, limit)
         options["maxFramePayloadSize"] = min(options.get("maxFramePayloadSize") or limit, limit)
         options["failByDrop"] = False
         super().setProtocolOptions(**options)
+
+    def close_sockets_going_away(self) -> Any:
+        """Send 1001 to every open socket; returns a Deferred that fires when all have closed
+        (or the wait is over), which holds the reactor's shutdown until then."""
+        from twisted.internet import defer, reactor
+
+        sockets = [
+            protocol
+            for protocol in list(self.server_class.connections)
+            if isinstance(protocol, ChatWebSocketProtocol) and protocol.state == protocol.STATE_OPEN
+        ]
+        if not sockets:
+            return None
+        logger.info("shutting down: closing %d sockets with %d", len(sockets), GOING_AWAY)
+        waiters = []
+        for protocol in sockets:
+            protocol.closed_waiter = defer.Deferred()
+            waiters.append(protocol.closed_waiter)
+            # sendClose() refuses the 1xxx codes, which are the protocol's own; the frame method
+            # beneath it sends any, and 1001 is exactly what RFC 6455 has for this.
+            protocol.sendCloseFrame(code=GOING_AWAY, reasonUtf8=GOING_AWAY_REASON, isReply=False)
+        all_closed = defer.DeferredList(waiters, consumeErrors=True)
+        all_closed.addTimeout(GOING_AWAY_WAIT_SECS, reactor)
+        all_closed.addErrback(lambda _failure: None)  # timed out: stop anyway
+        return all_closed
 
 
 def install() -> None:

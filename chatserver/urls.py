@@ -1,11 +1,14 @@
 from django.contrib import admin
 from django.urls import path, re_path
 
-from . import demo, views
+from . import demo, health, views
 
 urlpatterns = [
     path("healthz", views.healthz),
+    path("readyz", health.readyz),
+    path("metrics", health.metrics_view),
     path("api/v3/webhook/zammad/", views.zammad_webhook),
+    path("api/v3/openapi.yaml", views.openapi),
     path("api/v3/<str:region>/<str:device_id>/is_chat_enabled/", views.is_chat_enabled),
     path("api/v3/<str:region>/<str:language>/chat/<str:device_id>/", views.chat),
     path(
@@ -18,6 +21,7 @@ urlpatterns = [
     ),
     # The browser demo client (chatserver/demo.py): a 404 unless CHAT_DEMO_PAGE is on.
     path("demo/", demo.page, name="chat-demo"),
+    path("demo/console/", demo.console, name="chat-demo-console"),
     path("demo/<str:name>", demo.asset, name="chat-demo-asset"),
     path("admin/", admin.site.urls),
     # Anything else under the API prefixes (a device id with a slash, say) is a JSON 404.

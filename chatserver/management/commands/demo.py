@@ -63,12 +63,21 @@ class Command(BaseCommand):
             },
         )
         chat = f"{base}/api/v3/demo/en/chat/my-device-1/"
+        # The browser demo client at /demo/, its agent console, and its WebSocket origin.
+        console = f"{zammad.url}/__fake__/"
+        settings.CHAT_DEMO_PAGE = True
+        settings.CHAT_DEMO_ZAMMAD_CONSOLE_URL = console
+        settings.WS_ALLOWED_ORIGINS = [
+            *settings.WS_ALLOWED_ORIGINS,
+            *(f"http://{name}:{port}" for name in {host, "127.0.0.1", "localhost"}),
+        ]
         self.stdout.write(
             "\n".join(
                 [
                     "",
+                    f"Demo page       {base}/demo/  (browser chat and agent console)",
                     f"Chat server     {base}/",
-                    f"Fake Zammad     {zammad.url}/__fake__/  (answer as a counsellor here)",
+                    f"Fake Zammad     {console}  (answer as a counsellor here)",
                     f"Fake chat bot   {settings.CHATBOT_URL}/",
                     f"Admin           {base}/admin/  (python manage.py createsuperuser)",
                     "",
