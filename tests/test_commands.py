@@ -43,7 +43,7 @@ def test_create_region_is_idempotent_and_updates() -> None:
     assert "t0ken" not in output
     assert "s3cret" not in output
     region.refresh_from_db()
-    assert Region.objects.count() == 1
+    assert Region.objects.filter(slug="muenchen").count() == 1
     assert (region.signature_secret, region.ticket_group, region.beta_percentage) == (
         "s3cret",
         "chat",
@@ -59,7 +59,7 @@ def test_create_region_is_idempotent_and_updates() -> None:
 def test_create_region_refuses_bad_flags() -> None:
     with pytest.raises(CommandError, match="beta-percentage"):
         create_region("--beta-percentage", "101")
-    assert not Region.objects.exists()
+    assert not Region.objects.filter(slug="muenchen").exists()
 
 
 @pytest.mark.parametrize(
