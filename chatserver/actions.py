@@ -25,7 +25,7 @@ from django.utils.dateparse import parse_datetime
 
 from . import metrics
 from .attachments import NewAttachment
-from .content import sanitize_html, text_to_html
+from .content import clean_text, sanitize_html, text_to_html
 from .errors import (
     ChatNotFound,
     InvalidMessage,
@@ -460,7 +460,8 @@ def ingest_counsellor_article(
     """A counsellor's public article becomes a message once, whichever route brings it."""
     if chat.messages.filter(zammad_article_id=article["id"]).exists():
         return None
-    body = str(article.get("body") or "")
+    # Cleaned like a device's text: PostgreSQL refuses NUL, and no client should get controls.
+    body = clean_text(str(article.get("body") or ""))
     content = (
         sanitize_html(body) if article.get("content_type") == "text/html" else text_to_html(body)
     )
@@ -510,7 +511,7 @@ def signature_matches(secret: str, body: bytes, header: str | None) -> bool:
 def parse_webhook(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError; too deep
         raise InvalidWebhook("The body is not valid JSON.") from error
     if not isinstance(payload, dict):
         raise InvalidWebhook("The body is not a JSON object.")

@@ -88,9 +88,12 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
     # Health checks: a connection that broke while idle (a database restart) is replaced at the
-    # start of the next request instead of failing it.
+    # start of the next request instead of failing it. Connections are not kept between requests
+    # (conn_max_age=0, as Django requires under ASGI): each request runs in a thread of its own,
+    # and a kept connection outlived it, so 50 concurrent webhooks held 80+ connections and
+    # exhausted PostgreSQL (tests/test_abuse.py, webhook flood).
     DATABASES = {
-        "default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
+        "default": dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)
     }
 else:
     # The embedded default. IMMEDIATE transactions and a busy timeout keep a separate worker

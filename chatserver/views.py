@@ -172,7 +172,7 @@ def _post_fields(request: HttpRequest) -> dict[str, Any]:
     if content_type == "application/json":
         try:
             body = json.loads(request.body or b"{}")
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError; too deep
             raise InvalidMessage("The body is not valid JSON.") from error
         if not isinstance(body, dict):
             raise InvalidMessage("The body is not a JSON object.")

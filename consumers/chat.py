@@ -216,9 +216,13 @@ def _parse(text_data: str | None) -> dict[str, Any]:
         raise InvalidFrame("Only text frames are accepted.")
     try:
         frame = json.loads(text_data)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise InvalidFrame("The frame is not valid JSON.") from error
-    if not isinstance(frame, dict) or frame.get("type") not in {"chat.send", "ping"}:
+    if not isinstance(frame, dict):
+        raise InvalidFrame
+    kind = frame.get("type")
+    # A list or object as type is unhashable: test the type before the set.
+    if not isinstance(kind, str) or kind not in {"chat.send", "ping"}:
         raise InvalidFrame
     return frame
 

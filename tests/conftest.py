@@ -26,6 +26,7 @@ from chatserver.models import Region
 
 from .helpers import wait_for_sync
 
+pytest_plugins = ["tests.abuse_report"]  # prints the fault and abuse suite's figures
 ROOT = Path(__file__).resolve().parent.parent
 ZAMMAD_TOKEN = "zammad-test-token"
 WEBHOOK_TOKEN = "webhook-test-token"
