@@ -255,10 +255,13 @@ def _openapi_document() -> bytes:
     return files("chatserver").joinpath("openapi.yaml").read_bytes()
 
 
+@csrf_exempt
 async def openapi(request: HttpRequest) -> HttpResponse:
     """The OpenAPI document of the REST endpoints (chatserver/openapi.yaml, packaged with it)."""
     if request.method not in {"GET", "HEAD"}:
-        return JsonResponse({"error": "Method not allowed."}, status=405, headers={"Allow": "GET"})
+        return JsonResponse(
+            {"error": "Method not allowed."}, status=405, headers={"Allow": "GET, HEAD"}
+        )
     response = HttpResponse(_openapi_document(), content_type="application/yaml")
     response["Access-Control-Allow-Origin"] = "*"
     return response
