@@ -23,7 +23,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import metrics
+from . import metrics, validation
 from .attachments import NewAttachment
 from .content import clean_text, sanitize_html, text_to_html
 from .errors import (
@@ -72,7 +72,7 @@ def bot_enabled() -> bool:
 
 
 def get_region(slug: str) -> Region:
-    region = Region.objects.filter(slug=slug).first()
+    region = Region.objects.filter(slug=validation.region_slug(slug)).first()
     if region is None:
         raise NotFound
     return region
@@ -244,7 +244,9 @@ def read_conversation(
     its ETag needs no other."""
     chat = (
         Chat.objects.select_related("region")
-        .filter(region__slug=region_slug, device_id=device_id, is_current=True)
+        .filter(
+            region__slug=validation.region_slug(region_slug), device_id=device_id, is_current=True
+        )
         .first()
     )
     if chat is not None and not chat.region.is_configured:
@@ -425,16 +427,17 @@ def own_message_id(article: dict[str, Any]) -> int | None:
 def _attachments_of(article: dict[str, Any]) -> list[dict[str, Any]]:
     stored = []
     for item in article.get("attachments") or []:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int):
+        if not isinstance(item, dict) or not is_record_id(item.get("id")):
             continue
         preferences = item.get("preferences")
         if not isinstance(preferences, dict):
             preferences = {}
         size = str(item.get("size") or "0")
+        size = size if size.isascii() and size.isdigit() and len(size) < 19 else "0"
         stored.append(
             {
                 "name": str(item.get("filename") or "attachment"),
-                "size": int(size) if size.isdigit() else 0,
+                "size": int(size),
                 "mime_type": str(
                     preferences.get("Content-Type")
                     or preferences.get("Mime-Type")
@@ -450,7 +453,10 @@ def _attachments_of(article: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _created_at(article: dict[str, Any]) -> datetime:
     value = article.get("created_at")
-    parsed = parse_datetime(value) if isinstance(value, str) else None
+    try:
+        parsed = parse_datetime(value) if isinstance(value, str) else None
+    except ValueError:  # well-formed but impossible, like February 30
+        parsed = None
     return parsed if parsed is not None and parsed.tzinfo is not None else timezone.now()
 
 
@@ -508,6 +514,11 @@ def signature_matches(secret: str, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), (header or "").strip().encode())
 
 
+def is_record_id(value: object) -> bool:
+    """A Zammad id: a positive integer that fits the database's 64 bits."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
+
+
 def parse_webhook(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         payload = json.loads(body)
@@ -516,18 +527,18 @@ def parse_webhook(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(payload, dict):
         raise InvalidWebhook("The body is not a JSON object.")
     ticket = payload.get("ticket")
-    if not isinstance(ticket, dict) or not isinstance(ticket.get("id"), int):
+    if not isinstance(ticket, dict) or not is_record_id(ticket.get("id")):
         raise InvalidWebhook("The body has no ticket with an id.")
     article = payload.get("article") or {}
     if not isinstance(article, dict):
         raise InvalidWebhook("The article is not a JSON object.")
-    if article and not isinstance(article.get("id"), int):
+    if article and not is_record_id(article.get("id")):
         raise InvalidWebhook("The article has no id.")
     return ticket, article
 
 
 def region_for_token(token: str | None) -> Region:
-    if not token:
+    if not token or len(token) > 200 or not token.isprintable():
         raise NotFound
     region = Region.objects.filter(webhook_token=token).first()
     # Compare again in constant time: the index lookup alone says nothing about timing safety.

@@ -26,5 +26,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     # Anything else under the API prefixes (a device id with a slash, say) is a JSON 404.
     re_path(r"^api/", views.not_found),
-    re_path(r"^[^/]+/[^/]+/wp-json/", views.not_found),
+    re_path(r"^.+/wp-json/", views.not_found),
 ]

@@ -7,11 +7,19 @@ import re
 from django.conf import settings
 
 from .content import clean_text
-from .errors import InvalidMessage, InvalidPath
+from .errors import InvalidMessage, InvalidPath, NotFound
 
+REGION_SLUG = re.compile(r"[-a-zA-Z0-9_]{1,100}")
 DEVICE_ID = re.compile(r"[-a-zA-Z0-9_]{1,64}")
 LANGUAGE = re.compile(r"[a-z]{2,3}(-[a-zA-Z0-9]+)?")
 CLIENT_ID_MAX_CHARS = 64
+
+
+def region_slug(value: str) -> str:
+    """Region slugs are Django slugs; anything else cannot name a region (404)."""
+    if not REGION_SLUG.fullmatch(value):
+        raise NotFound
+    return value
 
 
 def device_id(value: str) -> str:

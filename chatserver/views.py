@@ -58,34 +58,53 @@ def error_response(error: ChatError) -> JsonResponse:
     return response
 
 
-def api_view(view: Callable[..., Awaitable[HttpResponseBase]]) -> View:
-    """CORS, OPTIONS, and the one place where typed errors become REST answers."""
+def api_view(*methods: str) -> Callable[[Callable[..., Awaitable[HttpResponseBase]]], View]:
+    """CORS, OPTIONS, allowed methods, and the one place where typed errors become REST
+    answers."""
+    allow = ", ".join([*methods, "OPTIONS"])
 
-    @csrf_exempt
-    @wraps(view)
-    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        if request.method == "OPTIONS":
-            response: HttpResponseBase = HttpResponse(status=204)
-        else:
-            try:
-                response = await view(request, *args, **kwargs)
-            except ChatError as error:
-                response = error_response(error)
-            except DatabaseError:
-                logger.warning("database unavailable during %s", view.__name__, exc_info=True)
-                response = error_response(Unavailable())
-            except RequestDataTooBig:
-                response = error_response(PayloadTooLarge())
-            except (SuspiciousOperation, MultiPartParserError):
-                response = error_response(InvalidMessage("The request body is malformed."))
-            except Exception:
-                logger.exception("unexpected error in %s", view.__name__)
-                response = JsonResponse({"error": INTERNAL_ERROR_TEXT}, status=500)
-        for header, value in CORS_HEADERS.items():
-            response[header] = value
-        return response
+    def decorate(view: Callable[..., Awaitable[HttpResponseBase]]) -> View:
+        @csrf_exempt
+        @wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            return _with_cors(await _answer(view, allow, request, *args, **kwargs))
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+async def _answer(
+    view: Callable[..., Awaitable[HttpResponseBase]],
+    allow: str,
+    request: HttpRequest,
+    *args: Any,
+    **kwargs: Any,
+) -> HttpResponseBase:
+    if request.method == "OPTIONS":
+        return HttpResponse(status=204, headers={"Allow": allow})
+    if request.method not in allow.split(", "):
+        return JsonResponse({"error": "Method not allowed."}, status=405, headers={"Allow": allow})
+    try:
+        return await view(request, *args, **kwargs)
+    except ChatError as error:
+        return error_response(error)
+    except DatabaseError:
+        logger.warning("database unavailable during %s", view.__name__, exc_info=True)
+        return error_response(Unavailable())
+    except RequestDataTooBig:
+        return error_response(PayloadTooLarge())
+    except (SuspiciousOperation, MultiPartParserError):
+        return error_response(InvalidMessage("The request body is malformed."))
+    except Exception:
+        logger.exception("unexpected error in %s", view.__name__)
+        return JsonResponse({"error": INTERNAL_ERROR_TEXT}, status=500)
+
+
+def _with_cors(response: HttpResponseBase) -> HttpResponseBase:
+    for header, value in CORS_HEADERS.items():
+        response[header] = value
+    return response
 
 
 async def check_rate_limits(request: HttpRequest, device_id: str) -> None:
@@ -97,7 +116,7 @@ async def check_rate_limits(request: HttpRequest, device_id: str) -> None:
     )
 
 
-@api_view
+@api_view("GET", "HEAD")
 async def is_chat_enabled(request: HttpRequest, region: str, device_id: str) -> HttpResponse:
     device_id = validation.device_id(device_id)
     await check_rate_limits(request, device_id)
@@ -105,16 +124,14 @@ async def is_chat_enabled(request: HttpRequest, region: str, device_id: str) -> 
     return JsonResponse({"is_chat_enabled": enabled})
 
 
-@api_view
+@api_view("GET", "HEAD", "POST")
 async def chat(request: HttpRequest, region: str, language: str, device_id: str) -> HttpResponse:
     language = validation.language(language)
     device_id = validation.device_id(device_id)
     await check_rate_limits(request, device_id)
     if request.method == "POST":
         return await _post(request, region, language, device_id)
-    if request.method in {"GET", "HEAD"}:
-        return await _get(request, region, device_id)
-    return JsonResponse({"error": "Method not allowed."}, status=405)
+    return await _get(request, region, device_id)
 
 
 async def _get(request: HttpRequest, region: str, device_id: str) -> HttpResponse:
@@ -188,7 +205,7 @@ def _conversation_response(conversation: dict[str, Any] | Any) -> JsonResponse:
     return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
 
 
-@api_view
+@api_view("GET", "HEAD")
 async def attachment(
     request: HttpRequest, region: str, language: str, device_id: str, token: str
 ) -> HttpResponse | StreamingHttpResponse:
@@ -210,10 +227,8 @@ async def attachment(
     return response
 
 
-@api_view
+@api_view("POST")
 async def zammad_webhook(request: HttpRequest) -> HttpResponse:
-    if request.method != "POST":
-        return JsonResponse({"error": "Method not allowed."}, status=405)
     try:
         body = _limited_body(request)
         outcome = await actions.receive_webhook(
@@ -240,7 +255,7 @@ def _limited_body(request: HttpRequest) -> bytes:
     return body
 
 
-@api_view
+@api_view("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 async def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
     return JsonResponse({"error": "Not found."}, status=404)
 

@@ -29,7 +29,7 @@ import pytest
 import schemathesis
 import yaml
 from django.urls import URLPattern, URLResolver
-from hypothesis import HealthCheck, assume, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis import Case, Response
 from schemathesis.checks import not_a_server_error
@@ -215,41 +215,7 @@ def known(region: Region) -> Known:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 def test_every_answer_is_documented(case: Case[Any], known: Known) -> None:
-    assume(not hits_known_bug(case))
     case.call_and_validate(checks=CHECKS)
-
-
-INT64 = range(-(2**63), 2**63)
-
-
-def hits_known_bug(case: Case[Any]) -> bool:
-    """Inputs of the server bugs pinned by the strict xfails at the end of this file, kept out
-    of the fuzzing so that it finds new ones. Remove each when its xfail is fixed."""
-
-    def values(value: Any) -> Iterator[Any]:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                yield key
-                yield from values(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                yield from values(item)
-        else:
-            yield value
-
-    sent = [case.path_parameters, case.query, dict(case.headers or {})]
-    if any(isinstance(value, str) and "\x00" in value for value in values(sent)):
-        return True  # test_nul_in_path_or_token_is_not_found
-    body = case.body
-    if isinstance(body, bytes):
-        try:
-            body = json.loads(body)
-        except ValueError:
-            return False
-    # test_webhook_ids_over_64_bits_are_refused
-    return case.operation.path == WEBHOOK and any(
-        isinstance(value, int) and value not in INT64 for value in values(body)
-    )
 
 
 # --- answers generation does not reach by itself ------------------------------------------------
@@ -394,14 +360,9 @@ def test_other_methods_are_refused(known: Known) -> None:
         assert response.json() == {"error": "Method not allowed."}
 
 
-# --- server bugs found by this file, not fixed yet: strict xfails, so a fix shows up ------------
+# --- server bugs this file found, kept fixed ------------------------------------------------
 
 
-def known_bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-@known_bug("a NUL in a region slug or webhook token reaches PostgreSQL: 503 'unavailable'")
 def test_nul_in_path_or_token_is_not_found(known: Known) -> None:
     statuses = {}
     for operation in (CHAT, LEGACY, ENABLED, ATTACHMENT, WEBHOOK):
@@ -427,7 +388,6 @@ def signed_webhook(payload: dict[str, Any]) -> Response:
     return case.call()
 
 
-@known_bug("webhook ids over 64 bits reach PostgreSQL: 503 'unavailable' instead of 400")
 def test_webhook_ids_over_64_bits_are_refused(known: Known) -> None:
     statuses = [
         signed_webhook({"ticket": {"id": 2**63}, "article": {}}).status_code,
@@ -438,7 +398,6 @@ def test_webhook_ids_over_64_bits_are_refused(known: Known) -> None:
     assert statuses == [400, 400]
 
 
-@known_bug("article values that raise ValueError in actions.py: 500")
 def test_webhook_article_values_do_not_crash(known: Known) -> None:
     impossible_date = {**AGENT_ARTICLE, "id": 78, "created_at": "2024-02-30T10:00:00Z"}
     superscript_size = {**AGENT_ARTICLE, "id": 79, "attachments": [{"id": 1, "size": "\u00b2"}]}
@@ -449,7 +408,6 @@ def test_webhook_article_values_do_not_crash(known: Known) -> None:
     assert all(status < 500 for status in statuses), statuses
 
 
-@known_bug("is_chat_enabled and attachment downloads answer every method (POST rolls)")
 def test_other_methods_are_refused_everywhere(known: Known) -> None:
     statuses = {}
     for operation in (ENABLED, ATTACHMENT):
@@ -461,7 +419,6 @@ def test_other_methods_are_refused_everywhere(known: Known) -> None:
     assert statuses == dict.fromkeys(statuses, 405)
 
 
-@known_bug("405 answers carry no Allow header (RFC 9110, 15.5.6)")
 def test_method_not_allowed_says_what_is(known: Known) -> None:
     chat = schema[CHAT]["GET"].Case(method="PUT", path_parameters=PATH).call()
     webhook = schema[WEBHOOK]["POST"].Case(method="GET").call()
@@ -470,7 +427,6 @@ def test_method_not_allowed_says_what_is(known: Known) -> None:
     assert "allow" in webhook.headers
 
 
-@known_bug("the legacy prefix answers Django's HTML 404 when the region has a slash")
 def test_legacy_region_with_a_slash_is_a_json_404(known: Known) -> None:
     case = schema[LEGACY]["GET"].Case(path_parameters={**PATH, "region": "aug/sburg"})
     response = case.call()
