@@ -1,0 +1,283 @@
+"""The load generator's peers: device sockets that record every frame with its arrival time,
+and a Zammad that posts signed webhooks with bounded concurrency.
+
+Receiving is kept as cheap as possible while load runs (a timestamp and the raw text per frame);
+frames are parsed after the measurement, so the generator's own CPU distorts latencies as little
+as it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from bench.payloads import Delivery
+
+MESSAGE_PREFIX = '{"type": "chat.message"'
+
+
+@dataclass
+class Socket:
+    """One device's socket. ``frames`` holds (perf_counter at arrival, raw text)."""
+
+    device: int
+    url: str
+    connection: ClientConnection | None = None
+    started_at: float = 0.0
+    opened_at: float | None = None  # handshake done
+    history_at: float | None = None  # chat.history received: the socket is usable
+    failure: str | None = None  # why it never became usable
+    closed: str | None = None  # how it ended while it should have stayed open
+    frames: list[tuple[float, str]] = field(default_factory=list)
+    message_frames: int = 0
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.history_at is not None and self.closed is None
+
+
+def _failure(error: BaseException) -> str:
+    if isinstance(error, InvalidStatus):
+        return f"handshake refused ({error.response.status_code})"
+    if isinstance(error, ConnectionClosed):
+        code = error.rcvd.code if error.rcvd is not None else "no close frame"
+        return f"closed before chat.history ({code})"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, InvalidHandshake):
+        return f"handshake error ({type(error).__name__})"
+    if isinstance(error, OSError):
+        name = errno.errorcode.get(error.errno or 0, type(error).__name__)
+        return f"connect error ({name})"
+    return f"{type(error).__name__}"
+
+
+async def open_socket(socket: Socket, *, open_timeout: float, history_timeout: float) -> Socket:
+    """Connect and wait for ``chat.history``; then keep reading in the background."""
+    socket.started_at = time.perf_counter()
+    try:
+        socket.connection = await connect(
+            socket.url,
+            open_timeout=open_timeout,
+            # The server pings; the apps answer. Client pings would only add noise.
+            ping_interval=None,
+            # daphne declines permessage-deflate anyway; not offering it saves client memory.
+            compression=None,
+            close_timeout=2,
+            max_queue=None,
+            proxy=None,
+        )
+        socket.opened_at = time.perf_counter()
+        raw = await asyncio.wait_for(socket.connection.recv(), history_timeout)
+        now = time.perf_counter()
+        if not isinstance(raw, str) or not raw.startswith('{"type": "chat.history"'):
+            socket.failure = "first frame is not chat.history"
+            await socket.connection.close()
+            return socket
+        socket.history_at = now
+        socket.frames.append((now, raw))
+    except (TimeoutError, OSError, InvalidHandshake, ConnectionClosed) as error:
+        socket.failure = _failure(error)
+        if socket.connection is not None:
+            with contextlib.suppress(Exception):
+                await socket.connection.close()
+        return socket
+    socket.reader = asyncio.create_task(_read(socket))
+    return socket
+
+
+async def _read(socket: Socket) -> None:
+    assert socket.connection is not None
+    frames = socket.frames
+    clock = time.perf_counter
+    try:
+        async for raw in socket.connection:
+            if isinstance(raw, bytes):
+                raw = raw.decode("utf-8", "replace")
+            frames.append((clock(), raw))
+            if raw.startswith(MESSAGE_PREFIX):
+                socket.message_frames += 1
+    except ConnectionClosed as error:
+        code = error.rcvd.code if error.rcvd is not None else "no close frame"
+        socket.closed = f"closed by the server ({code})"
+        return
+    socket.closed = f"closed by the server ({socket.connection.close_code})"
+
+
+class Fleet:
+    """All device sockets of a run, one per device index."""
+
+    def __init__(self, ws_base: str, region: str, language: str) -> None:
+        self.ws_base = ws_base
+        self.region = region
+        self.language = language
+        self.sockets: dict[int, Socket] = {}
+        self._closing = False
+
+    def url(self, device_id: str, after: int | None = None) -> str:
+        query = f"?after={after}" if after is not None else ""
+        return f"{self.ws_base}/ws/v3/{self.region}/{self.language}/chat/{device_id}/{query}"
+
+    async def open(
+        self,
+        devices: Iterable[tuple[int, str]],
+        *,
+        open_timeout: float,
+        history_timeout: float,
+    ) -> list[Socket]:
+        """Open one socket per (index, device id), all at once (no stagger)."""
+        sockets = [Socket(index, self.url(device)) for index, device in devices]
+        for socket in sockets:
+            self.sockets[socket.device] = socket
+        await asyncio.gather(
+            *(
+                open_socket(socket, open_timeout=open_timeout, history_timeout=history_timeout)
+                for socket in sockets
+            )
+        )
+        return sockets
+
+    @property
+    def ready(self) -> list[Socket]:
+        return [socket for socket in self.sockets.values() if socket.ready]
+
+    def message_frames(self) -> int:
+        return sum(socket.message_frames for socket in self.sockets.values())
+
+    def closed_unexpectedly(self) -> Counter[str]:
+        return Counter(
+            socket.closed
+            for socket in self.sockets.values()
+            if socket.closed is not None and socket.history_at is not None
+        )
+
+    async def close(self) -> None:
+        self._closing = True
+        sockets = [s for s in self.sockets.values() if s.connection is not None]
+        for socket in sockets:
+            if socket.reader is not None:
+                socket.reader.cancel()
+        await asyncio.gather(
+            *(self._close_one(socket) for socket in sockets), return_exceptions=True
+        )
+        self.sockets.clear()
+
+    @staticmethod
+    async def _close_one(socket: Socket) -> None:
+        assert socket.connection is not None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(socket.connection.close(), 5)
+
+
+@dataclass
+class Sent:
+    delivery: Delivery
+    sent_at: float
+    answered_at: float | None = None
+    status: int | None = None
+    outcome: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+async def _post(session: aiohttp.ClientSession, url: str, sent: Sent) -> None:
+    try:
+        async with session.post(
+            url, data=sent.delivery.body, headers=sent.delivery.headers
+        ) as answer:
+            text = await answer.read()
+            sent.answered_at = time.perf_counter()
+            sent.status = answer.status
+            with contextlib.suppress(ValueError, AttributeError):
+                sent.outcome = json.loads(text).get("outcome")
+    except (aiohttp.ClientError, TimeoutError) as error:
+        sent.answered_at = time.perf_counter()
+        sent.error = type(error).__name__
+
+
+def _session(in_flight: int, timeout: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=in_flight),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    )
+
+
+async def post_webhooks(
+    url: str,
+    deliveries: Sequence[Delivery],
+    *,
+    concurrency: int,
+    timeout: float = 30,
+) -> list[Sent]:
+    """Post every delivery as fast as the server takes them, at most ``concurrency`` in flight,
+    in order (a worker takes the next delivery as soon as its previous one is answered)."""
+    results: list[Sent] = []
+    queue = iter(deliveries)
+    async with _session(concurrency, timeout) as session:
+
+        async def worker() -> None:
+            for delivery in queue:
+                sent = Sent(delivery, time.perf_counter())
+                results.append(sent)
+                await _post(session, url, sent)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+async def post_webhooks_paced(
+    url: str,
+    deliveries: Sequence[Delivery],
+    *,
+    rate: float,
+    max_in_flight: int,
+    timeout: float = 30,
+) -> list[Sent]:
+    """Post the deliveries on a fixed schedule (``rate`` per second, whatever the answers take),
+    as Zammad does for a busy team; only when ``max_in_flight`` are unanswered does the sender
+    wait, and then it falls behind the schedule (the achieved rate shows it)."""
+    results: list[Sent] = []
+    slots = asyncio.Semaphore(max_in_flight)
+    tasks: list[asyncio.Task[None]] = []
+    async with _session(max_in_flight, timeout) as session:
+
+        async def post(sent: Sent) -> None:
+            try:
+                await _post(session, url, sent)
+            finally:
+                slots.release()
+
+        started = time.perf_counter()
+        for index, delivery in enumerate(deliveries):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            sent = Sent(delivery, time.perf_counter())
+            results.append(sent)
+            tasks.append(asyncio.create_task(post(sent)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+def parse_frame(raw: str) -> dict[str, Any] | None:
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None

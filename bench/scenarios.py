@@ -1,0 +1,495 @@
+"""The scenarios: each is an async function of the run's ``Context`` that returns a ``Result``.
+
+They run in the order given, on one event loop, and share the device sockets (``ctx.fleet``):
+``connect`` opens them, ``burst`` pushes to them (and opens them first if nothing did).
+A new scenario is a function decorated with ``@scenario("name", "what it measures")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import monitor, payloads, system
+from bench.clients import (
+    Fleet,
+    Sent,
+    Socket,
+    parse_frame,
+    post_webhooks,
+    post_webhooks_paced,
+)
+from bench.stack import Server, device_id
+
+DRAIN_POLL_SECS = 0.02
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    server: Server
+    fleet: Fleet
+    webhook_url: str
+    signature_secret: str
+    database: str
+    layer_prefix: str
+    probe: monitor.Probe
+    _zammad: payloads.Zammad | None = None
+
+    @property
+    def zammad(self) -> payloads.Zammad:
+        """The fake Zammad's records for every device (built on first use: ~1 s per 1,000)."""
+        if self._zammad is None:
+            self._zammad = payloads.Zammad(self.args.sockets, self.signature_secret)
+        return self._zammad
+
+    async def usage(self) -> monitor.Usage:
+        return await self.probe.usage()
+
+
+@dataclass
+class Result:
+    name: str
+    figures: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # any makes the run fail
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, label: str, value: object) -> None:
+        self.figures.append((label, str(value)))
+
+
+Scenario = Callable[[Context], Awaitable[Result]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    run: Scenario
+    description: str
+
+
+SCENARIOS: dict[str, Entry] = {}
+
+
+def scenario(name: str, description: str) -> Callable[[Scenario], Scenario]:
+    def register(run: Scenario) -> Scenario:
+        SCENARIOS[name] = Entry(run, description)
+        return run
+
+    return register
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an unsorted list (0 for an empty one)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(pct / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def ms(secs: float) -> str:
+    return f"{secs * 1000:.0f} ms" if secs < 10 else f"{secs:.1f} s"
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return (
+        f"p50 {ms(percentile(values, 50))}, p90 {ms(percentile(values, 90))}, "
+        f"p99 {ms(percentile(values, 99))}, max {ms(max(values))}"
+    )
+
+
+def counted(counter: Counter[str]) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in counter.most_common()) or "none"
+
+
+# --- connect ------------------------------------------------------------------------------------
+
+
+async def open_devices(ctx: Context, count: int) -> list[Socket]:
+    return await ctx.fleet.open(
+        ((index, device_id(index)) for index in range(count)),
+        open_timeout=ctx.args.open_timeout,
+        history_timeout=ctx.args.history_timeout,
+    )
+
+
+async def warm_up(ctx: Context) -> None:
+    """One socket and one webhook before anything is measured: the server has imported and
+    connected everything it needs lazily, so memory before the load is a fair baseline."""
+    fleet = Fleet(ctx.fleet.ws_base, ctx.fleet.region, ctx.fleet.language)
+    [socket] = await fleet.open(
+        [(-1, "bench-warmup")], open_timeout=ctx.args.open_timeout, history_timeout=10
+    )
+    if socket.failure:
+        raise RuntimeError(f"the warm-up socket failed: {socket.failure}")
+    await fleet.close()
+    [sent] = await post_webhooks(
+        ctx.webhook_url, [payloads.unknown_ticket(ctx.signature_secret)], concurrency=1
+    )
+    if not sent.ok:
+        raise RuntimeError(f"the warm-up webhook failed: {sent.status or sent.error}")
+
+
+@scenario("connect", "N sockets connecting at once; failures, time, server memory per socket")
+async def connect(ctx: Context) -> Result:
+    result = Result("connect")
+    count = ctx.args.sockets
+    pid = ctx.server.pid
+    rss_before = system.rss_kib(pid)
+    tcp_before = system.tcp_counters()
+    usage_before = await ctx.usage()
+    async with monitor.Sampler(ctx.probe, ctx.layer_prefix) as peaks:
+        started = time.perf_counter()
+        sockets = await open_devices(ctx, count)
+        finished = time.perf_counter()
+        usage_after = await ctx.usage()
+    rss_after = system.rss_kib(pid)
+    tcp = {name: value - tcp_before[name] for name, value in system.tcp_counters().items()}
+
+    ready = [s for s in sockets if s.history_at is not None]
+    failures = Counter(s.failure for s in sockets if s.failure is not None)
+    result.add("sockets opened at once", count)
+    result.add("failed connects", sum(failures.values()))
+    if failures:
+        result.add("failure reasons", counted(failures))
+        result.problems.append(f"{sum(failures.values())} of {count} connects failed")
+    result.add(
+        "time to all connected" if not failures else "time until the last attempt ended",
+        ms(finished - started),
+    )
+    result.add(
+        "connect time per socket (start to chat.history)",
+        spread([s.history_at - s.started_at for s in ready if s.history_at is not None]),
+    )
+    result.add(
+        "  of which handshake",
+        spread([s.opened_at - s.started_at for s in ready if s.opened_at is not None]),
+    )
+    result.add(
+        "server RSS before / after", f"{rss_before / 1024:.1f} MiB / {rss_after / 1024:.1f} MiB"
+    )
+    if ready:
+        result.add("server memory per socket", f"{(rss_after - rss_before) / len(ready):.0f} KiB")
+    result.add("server open files after", system.open_fds(pid))
+    result.add(
+        "kernel: accept-queue overflows / drops / SYN cookies",
+        f"{tcp['ListenOverflows']} / {tcp['ListenDrops']} / {tcp['SyncookiesSent']}",
+    )
+    cost = monitor.cost(usage_before, usage_after)
+    result.add("CPU while connecting", cost.summary())
+    result.add("server CPU per connect", f"{1000 * cost.server_cpu_secs / count:.1f} ms")
+    result.add(
+        "peaks: server DB connections / server threads",
+        f"{peaks.db_connections} / {peaks.server_threads}",
+    )
+    return result
+
+
+# --- burst --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arrivals:
+    delivered: dict[int, float] = field(default_factory=dict)  # article -> first arrival
+    duplicates: int = 0
+    misrouted: int = 0
+    unmatched: int = 0
+    other_frames: Counter[str] = field(default_factory=Counter)
+
+
+def match_frames(
+    sockets: list[Socket], since: dict[int, int], expected: dict[int, int]
+) -> Arrivals:
+    """Match every frame received since the burst began to the article it carries.
+
+    ``expected`` maps article id -> device index."""
+    arrivals = Arrivals()
+    for socket in sockets:
+        for arrived_at, raw in socket.frames[since.get(socket.device, 0) :]:
+            frame = parse_frame(raw)
+            if frame is None or frame.get("type") != "chat.message":
+                arrivals.other_frames[str(frame.get("type") if frame else "not JSON")] += 1
+                continue
+            article = payloads.article_of(str(frame.get("message", {}).get("content", "")))
+            if article is None or article not in expected:
+                arrivals.unmatched += 1
+            elif expected[article] != socket.device:
+                arrivals.misrouted += 1
+            elif article in arrivals.delivered:
+                arrivals.duplicates += 1
+            else:
+                arrivals.delivered[article] = arrived_at
+    return arrivals
+
+
+async def wait_for_frames(
+    fleet: Fleet, target: int, *, quiet_secs: float, limit_secs: float
+) -> None:
+    """Until ``target`` message frames have arrived, or none arrived for ``quiet_secs``."""
+    deadline = time.perf_counter() + limit_secs
+    last_count, last_change = fleet.message_frames(), time.perf_counter()
+    while time.perf_counter() < deadline:
+        count = fleet.message_frames()
+        now = time.perf_counter()
+        if count >= target:
+            return
+        if count != last_count:
+            last_count, last_change = count, now
+        elif now - last_change > quiet_secs:
+            return
+        await asyncio.sleep(DRAIN_POLL_SECS)
+
+
+async def pushes(
+    ctx: Context,
+    result: Result,
+    deliveries: list[payloads.Delivery],
+    send: Callable[[list[payloads.Delivery]], Awaitable[list[Sent]]],
+    *,
+    how: str,
+) -> Result:
+    """Post ``deliveries`` with ``send`` to the open sockets' devices and account for every push:
+    delivered, lost, duplicated, misrouted, latency; what it cost the server, Redis and
+    PostgreSQL."""
+    args = ctx.args
+    sockets = ctx.fleet.ready
+    listening = {socket.device for socket in sockets}
+    expected = {d.article_id: d.device for d in deliveries if d.device in listening}
+    since = {socket.device: len(socket.frames) for socket in sockets}
+    frames_before = ctx.fleet.message_frames()
+
+    commands_before = await ctx.probe.redis_commands()
+    sessions_before = await ctx.probe.pg_sessions()
+    usage_before = await ctx.usage()
+    async with monitor.Sampler(ctx.probe, ctx.layer_prefix) as peaks:
+        started = time.perf_counter()
+        sent = await send(deliveries)
+        all_answered = time.perf_counter()
+        await wait_for_frames(
+            ctx.fleet,
+            frames_before + len(expected),
+            quiet_secs=args.drain_quiet,
+            limit_secs=args.drain_limit,
+        )
+        usage_after = await ctx.usage()
+        # A short grace to catch duplicates that trail the last expected frame.
+        await asyncio.sleep(args.duplicate_grace)
+    commands = await ctx.probe.redis_commands() - commands_before
+    sessions = await ctx.probe.pg_sessions() - sessions_before
+
+    arrivals = match_frames(sockets, since, expected)
+    by_article: dict[int, Sent] = {s.delivery.article_id: s for s in sent}
+    errors = Counter(s.error or f"HTTP {s.status}" for s in sent if not s.ok)
+    outcomes = Counter(s.outcome or "none" for s in sent if s.ok)
+    # A push can only be expected where the server took the webhook; failed webhooks are
+    # counted apart (Zammad would retry them).
+    accepted = {a for a in expected if by_article[a].ok and by_article[a].outcome == "message"}
+    lost = len(accepted - arrivals.delivered.keys())
+    missing = len(expected) - len(arrivals.delivered)
+    latencies = [
+        arrived - by_article[article].sent_at for article, arrived in arrivals.delivered.items()
+    ]
+    answer_times = [s.answered_at - s.sent_at for s in sent if s.answered_at is not None]
+
+    result.add("webhooks sent", f"{len(sent)} ({how})")
+    result.add("webhook HTTP errors", sum(errors.values()))
+    if errors:
+        result.add("  error kinds", counted(errors))
+        result.problems.append(f"{sum(errors.values())} webhooks failed")
+    result.add("webhook outcomes", counted(outcomes))
+    result.add(
+        "webhook rate",
+        f"{len(sent) / (all_answered - started):.0f}/s "
+        f"(all answered after {ms(all_answered - started)})",
+    )
+    result.add("webhook answer time", spread(answer_times))
+    result.add("pushes expected (webhook taken, socket open)", len(accepted))
+    result.add("delivered", len(arrivals.delivered))
+    result.add("lost (taken by the server, never pushed)", lost)
+    if missing != lost:
+        result.add("missing in all (including failed webhooks)", missing)
+    result.add("duplicated", arrivals.duplicates)
+    if arrivals.misrouted or arrivals.unmatched:
+        result.add("misrouted / unmatched frames", f"{arrivals.misrouted} / {arrivals.unmatched}")
+    if arrivals.other_frames:
+        result.add("other frames", counted(arrivals.other_frames))
+    if lost:
+        result.problems.append(f"{lost} of {len(accepted)} pushes lost")
+    if arrivals.duplicates:
+        result.problems.append(f"{arrivals.duplicates} pushes duplicated")
+    if arrivals.misrouted:
+        result.problems.append(f"{arrivals.misrouted} pushes reached the wrong device")
+    if arrivals.delivered:
+        last = max(arrivals.delivered.values())
+        label = "time to all delivered" if not missing else "time to last delivered"
+        result.add(label, ms(last - started))
+    result.add("push latency (webhook sent to frame received)", spread(latencies))
+    closed = ctx.fleet.closed_unexpectedly()
+    if closed:
+        result.add("sockets closed by the server so far", counted(closed))
+        result.problems.append(f"{sum(closed.values())} sockets closed by the server")
+    cost = monitor.cost(usage_before, usage_after)
+    result.add("CPU while posting and delivering", cost.summary())
+    result.add(
+        "server CPU per webhook (with its push)",
+        f"{1000 * cost.server_cpu_secs / max(1, len(sent)):.2f} ms",
+    )
+    per_webhook = ", ".join(
+        f"{name} {commands[name] / len(sent):.1f}" for name in REDIS_COMMANDS if commands[name]
+    )
+    result.add(
+        "Redis commands per webhook (whole Redis)",
+        f"{sum(commands.values()) / max(1, len(sent)):.1f}: {per_webhook}",
+    )
+    result.add("PostgreSQL sessions opened", sessions)
+    result.add(
+        "peaks: server DB connections / server threads / layer queue",
+        f"{peaks.db_connections} / {peaks.server_threads} / {peaks.layer_backlog}",
+    )
+    if peaks.errors:
+        result.notes.append(f"sampler errors: {counted(peaks.errors)}")
+    return result
+
+
+# What channels-redis sends per group_send and per received message (the rest is others').
+REDIS_COMMANDS = (
+    "zremrangebyscore",
+    "zrange",
+    "eval",
+    "evalsha",
+    "bzpopmin",
+    "zadd",
+    "zpopmin",
+    "expire",
+    "zcount",
+    "set",
+)
+
+
+@scenario(
+    "burst",
+    "signed Zammad webhooks as fast as the server takes them, pushed to the open sockets",
+)
+async def burst(ctx: Context) -> Result:
+    args = ctx.args
+    if not ctx.fleet.ready:
+        await open_devices(ctx, args.sockets)
+    deliveries = payloads.burst(ctx.zammad, args.sockets, args.webhooks_per_device)
+
+    async def send(items: list[payloads.Delivery]) -> list[Sent]:
+        return await post_webhooks(ctx.webhook_url, items, concurrency=args.concurrency)
+
+    how = f"{args.webhooks_per_device} per device, {args.concurrency} in flight"
+    return await pushes(ctx, Result("burst"), deliveries, send, how=how)
+
+
+@scenario(
+    "rate",
+    "webhooks at a fixed rate (--rate per second for --rate-secs), pushed to the open sockets",
+)
+async def rate(ctx: Context) -> Result:
+    args = ctx.args
+    if not ctx.fleet.ready:
+        await open_devices(ctx, args.sockets)
+    count = max(1, round(args.rate * args.rate_secs))
+    deliveries = [ctx.zammad.agent_reply(index % args.sockets) for index in range(count)]
+
+    async def send(items: list[payloads.Delivery]) -> list[Sent]:
+        return await post_webhooks_paced(
+            ctx.webhook_url, items, rate=args.rate, max_in_flight=args.concurrency
+        )
+
+    result = Result("rate")
+    how = f"{args.rate:g}/s for {args.rate_secs:g} s, at most {args.concurrency} in flight"
+    return await pushes(ctx, result, deliveries, send, how=how)
+
+
+@scenario(
+    "idle",
+    "the open sockets held idle for --idle-secs, then each pinged: who is still there",
+)
+async def idle(ctx: Context) -> Result:
+    args = ctx.args
+    result = Result("idle")
+    if not ctx.fleet.ready:
+        await open_devices(ctx, args.sockets)
+    sockets = ctx.fleet.ready
+    pid = ctx.server.pid
+    rss_before = system.rss_kib(pid)
+    usage_before = await ctx.usage()
+    await asyncio.sleep(args.idle_secs)
+    cost = monitor.cost(usage_before, await ctx.usage())
+    still_open = [socket for socket in sockets if socket.ready]
+    closed = Counter(socket.closed for socket in sockets if socket.closed is not None)
+    pongs = await asyncio.gather(*(ping(socket, args.history_timeout) for socket in still_open))
+    answered = [secs for secs in pongs if secs is not None]
+    result.add("sockets held idle", f"{len(sockets)} for {args.idle_secs:g} s")
+    result.add("closed by the server while idle", sum(closed.values()))
+    if closed:
+        result.add("  close reasons", counted(closed))
+        result.problems.append(f"{sum(closed.values())} idle sockets closed by the server")
+    result.add("answered a ping", f"{len(answered)} of {len(still_open)}")
+    if len(answered) < len(still_open):
+        result.problems.append(f"{len(still_open) - len(answered)} open sockets did not answer")
+    result.add("ping to pong", spread(answered))
+    result.add("CPU while idle", cost.summary())
+    result.add(
+        "server RSS before / after idling",
+        f"{rss_before / 1024:.1f} MiB / {system.rss_kib(pid) / 1024:.1f} MiB",
+    )
+    return result
+
+
+async def ping(socket: Socket, timeout: float) -> float | None:
+    """Send the protocol's ping frame and wait for its pong; seconds, None without one."""
+    assert socket.connection is not None
+    seen = len(socket.frames)
+    started = time.perf_counter()
+    try:
+        await socket.connection.send('{"type": "ping"}')
+    except Exception:
+        return None
+    deadline = started + timeout
+    while time.perf_counter() < deadline:
+        for arrived_at, raw in socket.frames[seen:]:
+            if raw.startswith('{"type": "pong"'):
+                return arrived_at - started
+        await asyncio.sleep(DRAIN_POLL_SECS)
+    return None
+
+
+# --- helpers for the runner ---------------------------------------------------------------------
+
+
+def server_log_problems(log_path: Path, limit: int = 8) -> tuple[int, list[str]]:
+    """Warnings and errors the server logged, counted, with the first few distinct ones."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0, []
+    flagged = [
+        line
+        for line in lines
+        if any(level in line for level in (" WARNING ", " ERROR ", "Traceback"))
+    ]
+    distinct: list[str] = []
+    seen: set[str] = set()
+    for line in flagged:
+        key = " ".join(line.split()[2:])[:160]
+        if key not in seen:
+            seen.add(key)
+            distinct.append(line[:240])
+        if len(distinct) >= limit:
+            break
+    return len(flagged), distinct
