@@ -35,10 +35,22 @@ GOING_AWAY_REASON = b"server restarting"
 GOING_AWAY_WAIT_SECS = 3.0
 
 
+# Close codes of RFC 6455 that the application may send, though autobahn's sendClose() takes
+# only 1000 and 3000-4999: 1001 going away, 1011 unexpected condition, 1013 try again later.
+PROTOCOL_CLOSE_CODES = {1001, 1011, 1013}
+
+
 class ChatWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]
-    """daphne's protocol, telling a shutdown waiting for it when it has closed."""
+    """daphne's protocol, telling a shutdown waiting for it when it has closed, and letting the
+    application close with the RFC's "try again later" codes."""
 
     closed_waiter: Any = None  # a Twisted Deferred while a shutdown waits for this socket
+
+    def serverClose(self, code: int | None = None) -> None:
+        if code in PROTOCOL_CLOSE_CODES and self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, isReply=False)
+            return
+        super().serverClose(code)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:

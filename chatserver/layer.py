@@ -7,6 +7,11 @@ with the first Redis error, or never learn that a restarted Redis forgot their g
 waits for a pooled connection instead, sets the socket timeout above the blocking receive, and
 after a Redis outage or restart sends one ``layer.reconnected`` event to every socket's consumer,
 so that each re-joins its group and catches up from the store.
+
+Receiving is simpler than channels-redis's own: one reader task per process pops the process's
+channel and hands each message to its consumer's queue, so a waiting consumer is a single
+``queue.get()``: cheap in memory, and cancelled at once when its socket closes (channels-redis's
+lock hand-over kept a closed consumer alive until its blocking pop returned, up to 5 s).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import logging
 from typing import Any
 
-from channels_redis.core import RedisChannelLayer
+from channels_redis.core import ChannelLock, RedisChannelLayer
 from django.conf import settings
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -29,12 +34,15 @@ logger = logging.getLogger(__name__)
 RECONNECTED = {"type": "layer.reconnected"}
 WATCH_INTERVAL_SECS = 1.0
 MARKER_TTL_SECS = 300
+READER_RETRY_SECS = 0.5
 
 
 class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._watched: set[str] = set()
+        # One queue per consumer channel of this process; a consumer's queue goes with it.
+        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._healthy = asyncio.Event()
         self._marker = f"{self.prefix}:alive:{self.client_prefix}"
@@ -57,43 +65,72 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             **host,
         )
 
-    # --- outages --------------------------------------------------------------------------------
-
-    def watch(self, channel: str) -> None:
-        """Wake ``channel``'s consumer with ``RECONNECTED`` after every Redis outage."""
-        self._watched.add(channel)
-        loop = asyncio.get_running_loop()
-        if self._watchdog is None or self._watchdog.done() or self._watchdog.get_loop() != loop:
-            self._healthy = asyncio.Event()
-            self._healthy.set()
-            self._watchdog = loop.create_task(self._watch_redis())
-
-    def unwatch(self, channel: str) -> None:
-        self._watched.discard(channel)
+    # --- receiving ------------------------------------------------------------------------------
 
     async def receive(self, channel: str) -> dict[str, Any]:
+        if "!" not in channel:  # a shared channel (workers), not a socket's: as shipped
+            message: dict[str, Any] = await super().receive(channel)
+            return message
+        self._start_tasks()
+        return await self._queue(channel).get()
+
+    def _queue(self, channel: str) -> asyncio.Queue[dict[str, Any]]:
+        queue = self._queues.get(channel)
+        if queue is None:
+            queue = self._queues[channel] = asyncio.Queue(maxsize=self.capacity)
+        return queue
+
+    def discard(self, channel: str) -> None:
+        """The consumer of ``channel`` has ended: drop its queue."""
+        self._queues.pop(channel, None)
+
+    def _deliver(self, channel: str, message: dict[str, Any]) -> None:
+        queue = self._queues.get(channel)
+        if queue is None:
+            return  # its consumer has gone
+        if queue.full():
+            # A consumer this far behind catches up from the store (``prev_id``) anyway.
+            queue.get_nowait()
+        queue.put_nowait(message)
+
+    def _start_tasks(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader.done() or self._reader.get_loop() != loop:
+            if self._reader is not None and self._reader.get_loop() != loop:
+                # A new event loop (tests run one per test): asyncio locks and queues belong to
+                # the loop that made them, so the old ones cannot be carried over.
+                self.receive_clean_locks = ChannelLock()
+                self.receive_cleaners: list[asyncio.Future[Any]] = []
+                self._queues = {}
+            self._healthy = asyncio.Event()
+            self._healthy.set()
+            self._reader = loop.create_task(self._read())
+            self._watchdog = loop.create_task(self._watch_redis())
+
+    async def _read(self) -> None:
+        """Pop this process's channel and hand each message to its consumer's queue."""
+        process_channel = f"specific.{self.client_prefix}!"
         while True:
             try:
-                message: dict[str, Any] = await super().receive(channel)
+                channel, message = await self.receive_single(process_channel)
             except (RedisError, OSError) as error:
-                if self._watchdog is None or self._watchdog.done():
-                    raise
-                # Without this the consumer would die with its socket. Wait until the watchdog
-                # sees Redis again; it then wakes every watched consumer with RECONNECTED.
                 if self._healthy.is_set():
                     logger.warning("channel layer lost Redis: %s", error)
                     self._healthy.clear()
-                await self._healthy.wait()
+                await asyncio.sleep(READER_RETRY_SECS)
                 continue
-            return message
+            for name in channel if isinstance(channel, list) else [channel]:
+                self._deliver(name, message)
+
+    # --- outages --------------------------------------------------------------------------------
 
     async def _watch_redis(self) -> None:
         """Notice outages and restarts. redis-py retries commands across a short outage, so a
         consumer may never see an error; but a restarted Redis has forgotten every group, and
         pushes published meanwhile are gone. A marker key of this process tells: when it has
-        vanished, or a check failed, every watched consumer is woken to re-join and catch up."""
+        vanished, or a check failed, every consumer is woken to re-join and catch up."""
         seen_marker = False
-        while self._watched or not seen_marker:
+        while True:
             try:
                 restarted = False
                 for index in range(self.ring_size):
@@ -104,13 +141,29 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
                 seen_marker = True
                 if restarted or not self._healthy.is_set():
                     logger.warning(
-                        "channel layer: Redis is back; %s sockets catch up", len(self._watched)
+                        "channel layer: Redis is back; %s sockets catch up", len(self._queues)
                     )
-                    for channel in list(self._watched):
-                        self.receive_buffer[channel].put_nowait(dict(RECONNECTED))
+                    for channel in list(self._queues):
+                        self._deliver(channel, dict(RECONNECTED))
                     self._healthy.set()
             except (RedisError, OSError) as error:
                 if self._healthy.is_set():
                     logger.warning("channel layer lost Redis: %s", error)
                     self._healthy.clear()
             await asyncio.sleep(WATCH_INTERVAL_SECS)
+
+    async def stop(self) -> None:
+        """Stop this loop's reader and watchdog and close its connections (tests and shutdown:
+        a pop blocked in Redis ends when its connection closes)."""
+        tasks = [task for task in (self._reader, self._watchdog) if task is not None]
+        for task in tasks:
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        layer = self._layers.pop(loop, None)
+        if layer is not None:
+            await layer.flush()
+        mine = [task for task in tasks if task.get_loop() == loop]
+        if mine:
+            await asyncio.wait(mine, timeout=2)
+        self._reader = self._watchdog = None
+        self._queues = {}

@@ -86,14 +86,24 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env_str("DATABASE_URL", "")
+DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 16)
 if DATABASE_URL:
-    # Health checks: a connection that broke while idle (a database restart) is replaced at the
-    # start of the next request instead of failing it. Connections are not kept between requests
-    # (conn_max_age=0, as Django requires under ASGI): each request runs in a thread of its own,
-    # and a kept connection outlived it, so 50 concurrent webhooks held 80+ connections and
-    # exhausted PostgreSQL (tests/test_abuse.py, webhook flood).
+    # A connection pool per process (psycopg's, through Django 5.1+). Under ASGI every request
+    # and every socket's database call runs in a thread of its own: connections kept per thread
+    # (CONN_MAX_AGE > 0) outlive their threads and exhaust PostgreSQL (50 concurrent webhooks
+    # held 80+ connections, tests/test_abuse.py), and none kept at all costs a connect per call.
+    # The pool checks a connection before handing it out, so a database restart costs nothing
+    # more than the outage itself.
+    # (Django passes the health checks to the pool as its connection check.)
     DATABASES = {
         "default": dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)
+    }
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2,
+        "max_size": DB_POOL_MAX_SIZE,
+        # How long a request waits for a free connection: long enough for a burst to queue,
+        # short enough that a database outage is answered 503 rather than hanging.
+        "timeout": env_float("DB_POOL_TIMEOUT_SECS", 3),
     }
 else:
     # The embedded default. IMMEDIATE transactions and a busy timeout keep a separate worker

@@ -57,6 +57,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._open()
         except ChatError as error:
             await self._refuse(error)
+        except DatabaseError:
+            logger.warning("database unavailable for a socket connect", exc_info=True)
+            await self._refuse(Unavailable())
 
     async def _open(self) -> None:
         kwargs = self.scope["url_route"]["kwargs"]
@@ -75,8 +78,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.SOCKETS_OPEN.inc()
         self.group = chat_group(self.region_id, self.device_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
-        if hasattr(self.channel_layer, "watch"):
-            self.channel_layer.watch(self.channel_name)
         # Joined first, read second: a message committed in between arrives twice and the
         # second copy is dropped by ``last_id``; none can fall between the two.
         snapshot = await actions.read_conversation(
@@ -96,8 +97,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.opened = True
 
     async def disconnect(self, code: int) -> None:
-        if hasattr(self.channel_layer, "unwatch"):
-            self.channel_layer.unwatch(self.channel_name)
+        if hasattr(self.channel_layer, "discard"):
+            self.channel_layer.discard(self.channel_name)
         if self.group is not None:
             with contextlib.suppress(Exception):  # Redis may be away; the group expires anyway
                 await self.channel_layer.group_discard(self.group, self.channel_name)

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chatserver import chatbot as chatbot_client
@@ -22,6 +23,7 @@ from chatserver import zammad as zammad_client
 from chatserver.fakes.base import free_port
 from chatserver.fakes.chatbot import FakeChatbot, FakeChatbotServer
 from chatserver.fakes.zammad import FakeZammad, FakeZammadServer
+from chatserver.layer import ChatChannelLayer
 from chatserver.models import Region
 
 from .helpers import wait_for_sync
@@ -70,6 +72,9 @@ async def _close_client_sessions() -> AsyncIterator[None]:
     await zammad_client.close_sessions()
     await chatbot_client.close_sessions()
     await limits.close_clients()
+    layer = get_channel_layer()
+    if isinstance(layer, ChatChannelLayer):
+        await layer.stop()
 
 
 @pytest.fixture(autouse=True)

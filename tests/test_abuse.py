@@ -1694,14 +1694,9 @@ async def test_postgres_restart_during_traffic(
             f"{outage['connect']}; open sockets stayed open; after recovery every message "
             "stored, pushed, resumed and sent to Zammad exactly once"
         )
-        connect_crashes = assert_no_crashes(server, known=KNOWN_CONNECT_CRASH)
-        if connect_crashes:
-            FIGURES.note(
-                f"KNOWN ISSUE (reported, not fixed): {connect_crashes} socket connect(s) during "
-                "the PostgreSQL outage crashed the consumer (close 1011, 'Exception inside "
-                "application'); the close code for 'unavailable' (1013) is not sendable through "
-                "daphne/autobahn without a protocol change"
-            )
+        # A socket that connects while the database is down is told to try again later.
+        assert outage["connect"] == ("closed", 1013), outage["connect"]
+        assert_no_crashes(server)
     finally:
         if worker is not None:
             worker.terminate()
@@ -1717,11 +1712,6 @@ async def outage_get(http: aiohttp.ClientSession, server: Daphne, device: str) -
         body = await answer.json()
         assert answer.status == 503 and body == {"error": Unavailable.message}, body
         return answer.status
-
-
-# A socket that connects while the database is down: the consumer's connect() lets the
-# DatabaseError escape (daphne logs it and closes with 1011). Reported; see the note it leaves.
-KNOWN_CONNECT_CRASH = "Exception inside application: connection failed"
 
 
 async def outage_connect(server: Daphne, device: str) -> Any:

@@ -25,8 +25,15 @@ PATH = f"/ws/v3/augsburg/de/chat/{DEVICE}/"
 
 
 class Socket:
-    def __init__(self, path: str = PATH, headers: list[tuple[bytes, bytes]] | None = None):
+    def __init__(
+        self,
+        path: str = PATH,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        client: tuple[str, int] | None = None,
+    ):
         self.communicator = WebsocketCommunicator(application, path, headers=headers or [])
+        if client is not None:
+            self.communicator.scope["client"] = client
 
     async def connect(self) -> Socket:
         connected, _ = await self.communicator.connect(timeout=5)
@@ -59,7 +66,8 @@ class Socket:
         return code
 
     async def close(self) -> None:
-        await self.communicator.disconnect()
+        # Generously: the consumer's disconnect frees its places in Redis before it ends.
+        await self.communicator.disconnect(timeout=5)
 
 
 @pytest.fixture
@@ -232,9 +240,11 @@ async def test_connection_limit_per_device(
     region: Region, sockets: list[Socket], rate_limits: Any
 ) -> None:
     rate_limits.WS_MAX_CONNECTIONS_PER_DEVICE = 2
-    await open_socket(sockets)
-    await open_socket(sockets)
-    third = Socket()
+    path = f"/ws/v3/augsburg/de/chat/limited-{uuid.uuid4()}/"
+    for _ in range(2):
+        opened = await open_socket(sockets, path)
+        await opened.receive_type("chat.history")  # its place is taken
+    third = Socket(path)
     await third.communicator.connect(timeout=5)
     assert await third.closed_with() == 4429
     await third.close()
@@ -244,15 +254,22 @@ async def test_connection_limit_per_ip(
     region: Region, sockets: list[Socket], rate_limits: Any
 ) -> None:
     rate_limits.WS_MAX_CONNECTIONS_PER_IP = 2
-    await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-1/")
-    await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-2/")
-    third = Socket("/ws/v3/augsburg/de/chat/ip-device-3/")
+    address = (f"198.51.100.{uuid.uuid4().int % 250}", 0)
+    for number in (1, 2):
+        opened = await open_socket(
+            sockets, f"/ws/v3/augsburg/de/chat/ip-device-{number}/", client=address
+        )
+        await opened.receive_type("chat.history")
+    third = Socket("/ws/v3/augsburg/de/chat/ip-device-3/", client=address)
     await third.communicator.connect(timeout=5)
     assert await third.closed_with() == 4429
     await third.close()
+    # Another address is not affected.
+    other = await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-4/", client=("x", 0))
+    await other.receive_type("chat.history")
     # Closing a socket frees its place.
-    await sockets.pop().close()
-    again = await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-3/")
+    await sockets.pop(0).close()
+    again = await open_socket(sockets, "/ws/v3/augsburg/de/chat/ip-device-3/", client=address)
     await again.receive_type("chat.history")
 
 
