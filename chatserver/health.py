@@ -66,9 +66,24 @@ def failed(detail: str) -> Check:
 
 
 def _select_one() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
+    """Over a connection of its own: the pool waits and retries, which would hide the cause."""
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        return
+    import psycopg
+
+    params = connection.get_connection_params()
+    keys = ("dbname", "user", "password", "host", "port")
+    try:
+        with psycopg.connect(
+            **{key: params[key] for key in keys if key in params},
+            connect_timeout=max(1, int(DATABASE_TIMEOUT_SECS) - 1),
+        ) as direct:
+            direct.execute("SELECT 1").fetchone()
+    except psycopg.Error as error:
+        raise DatabaseError(str(error)) from error
 
 
 async def check_database() -> Check:

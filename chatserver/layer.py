@@ -20,7 +20,7 @@ import asyncio
 import logging
 from typing import Any
 
-from channels_redis.core import ChannelLock, RedisChannelLayer
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -35,6 +35,7 @@ RECONNECTED = {"type": "layer.reconnected"}
 WATCH_INTERVAL_SECS = 1.0
 MARKER_TTL_SECS = 300
 READER_RETRY_SECS = 0.5
+READ_BATCH = 200
 
 
 class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
@@ -97,10 +98,8 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done() or self._reader.get_loop() != loop:
             if self._reader is not None and self._reader.get_loop() != loop:
-                # A new event loop (tests run one per test): asyncio locks and queues belong to
-                # the loop that made them, so the old ones cannot be carried over.
-                self.receive_clean_locks = ChannelLock()
-                self.receive_cleaners: list[asyncio.Future[Any]] = []
+                # A new event loop (tests run one per test): asyncio queues belong to the loop
+                # that made them, so the old ones cannot be carried over.
                 self._queues = {}
             self._healthy = asyncio.Event()
             self._healthy.set()
@@ -108,19 +107,34 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             self._watchdog = loop.create_task(self._watch_redis())
 
     async def _read(self) -> None:
-        """Pop this process's channel and hand each message to its consumer's queue."""
+        """Pop this process's channel and hand each message to its consumer's queue.
+
+        Up to ``READ_BATCH`` messages a round trip (blocking only while the queue is empty):
+        channels-redis takes one at a time with four round trips each, so under a burst pushes
+        waited in Redis for the length of the burst (docs/performance.md). Its backup queue
+        (at-least-once for a process that dies between popping and pushing) is left out: every
+        pushed message is in the store, and sockets catch up from there."""
         process_channel = f"specific.{self.client_prefix}!"
+        index = self.consistent_hash(process_channel)
+        key = self.prefix + process_channel
         while True:
             try:
-                channel, message = await self.receive_single(process_channel)
+                connection = self.connection(index)
+                popped = await connection.zpopmin(key, READ_BATCH)
+                if not popped:
+                    blocked = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+                    popped = [(blocked[1], blocked[2])] if blocked else []
             except (RedisError, OSError) as error:
                 if self._healthy.is_set():
                     logger.warning("channel layer lost Redis: %s", error)
                     self._healthy.clear()
                 await asyncio.sleep(READER_RETRY_SECS)
                 continue
-            for name in channel if isinstance(channel, list) else [channel]:
-                self._deliver(name, message)
+            for content, _score in popped:
+                message: dict[str, Any] = self.deserialize(content)
+                channels = message.pop("__asgi_channel__", process_channel)
+                for channel in channels if isinstance(channels, list) else [channels]:
+                    self._deliver(channel, message)
 
     # --- outages --------------------------------------------------------------------------------
 

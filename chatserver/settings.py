@@ -131,7 +131,9 @@ if REDIS_URL:
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL}],
                 "capacity": CHANNEL_CAPACITY,
-                "expiry": 60,
+                # Seconds a push may wait in Redis before it is dropped (then caught up from
+                # the store); above the longest burst a process has to work through.
+                "expiry": 300,
                 "group_expiry": 86400,
                 "prefix": CHANNEL_PREFIX,
             },
@@ -174,6 +176,9 @@ CHAT_ATTACHMENT_TYPES = env_list(
 WEBHOOK_MAX_BODY_BYTES = env_int("WEBHOOK_MAX_BODY_BYTES", 1024 * 1024)
 WEBHOOK_DELIVERY_RETENTION_DAYS = env_int("WEBHOOK_DELIVERY_RETENTION_DAYS", 7)
 WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 64 * 1024)
+# Connections waiting to be accepted (Twisted's default of 50 drops handshakes when a thousand
+# sockets reconnect at once).
+LISTEN_BACKLOG = env_int("LISTEN_BACKLOG", 1024)
 WS_PING_INTERVAL_SECS = env_float("WS_PING_INTERVAL_SECS", 20)
 WS_ALLOWED_ORIGINS = env_list("WS_ALLOWED_ORIGINS", "")
 

@@ -62,7 +62,10 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
     interface = host.strip("[]")
     Server(
         application=application,
-        endpoints=[f"tcp:port={port}:interface={interface.replace(':', chr(92) + ':')}"],
+        endpoints=[
+            f"tcp:port={port}:interface={interface.replace(':', chr(92) + ':')}"
+            f":backlog={settings.LISTEN_BACKLOG}"
+        ],
         signal_handlers=True,
         action_logger=None,
         ping_interval=settings.WS_PING_INTERVAL_SECS,
