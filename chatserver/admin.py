@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -19,6 +21,7 @@ from .models import BetaRoll, Chat, Message, Region, WebhookDelivery, Work
 class RegionAdmin(admin.ModelAdmin[Region]):
     list_display = ("slug", "name", "default_language", "chat_enabled", "zammad_url", "configured")
     search_fields = ("slug", "name")
+    actions = ["check_connection"]
     fieldsets = (
         (None, {"fields": ("slug", "name", "default_language", "chat_enabled")}),
         ("Zammad", {"fields": ("zammad_url", "zammad_token", "ticket_group")}),
@@ -29,6 +32,17 @@ class RegionAdmin(admin.ModelAdmin[Region]):
     @admin.display(boolean=True)
     def configured(self, region: Region) -> bool:
         return region.is_configured
+
+    @admin.action(description="Check connection (Zammad and bot)")
+    def check_connection(self, request: HttpRequest, queryset: QuerySet[Region]) -> None:
+        """Calls each region's Zammad and the bot, and says in plain words what is wrong."""
+        from .management.commands.check_region import FAIL, OK, region_report
+
+        levels = {OK: messages.SUCCESS, FAIL: messages.ERROR}
+        for region in queryset:
+            lines = async_to_sync(region_report)(region, float(settings.ZAMMAD_TIMEOUT_SECS))
+            for outcome, line in lines:
+                self.message_user(request, line, levels.get(outcome, messages.INFO))
 
 
 class MessageInline(admin.TabularInline[Message, Chat]):

@@ -71,6 +71,24 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class RedactPathsFilter(logging.Filter):
+    """Django's own request logger quotes full paths (``Not Found: /api/v3/.../<device id>/``):
+    device ids are shortened here as everywhere else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .middleware import redact_path
+
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_path(arg.split("?", 1)[0]) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        request = getattr(record, "request", None)
+        if request is not None:
+            record.request = None  # its repr would carry the path and the query string
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the ids, and any traceback."""
 

@@ -208,7 +208,10 @@ LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "chatserver.logging.ContextFilter"}},
+    "filters": {
+        "context": {"()": "chatserver.logging.ContextFilter"},
+        "redact_paths": {"()": "chatserver.logging.RedactPathsFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s%(context)s %(message)s"},
         "json": {"()": "chatserver.logging.JsonFormatter"},
@@ -222,7 +225,7 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
-        "django.request": {"level": "ERROR"},
+        "django.request": {"level": "ERROR", "filters": ["redact_paths"]},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
     },

@@ -522,3 +522,29 @@ async def test_sigterm_closes_sockets_with_1001(daphne: Daphne) -> None:
             assert socket.close_code == 1001
             assert socket.close_reason == "server restarting"
     assert await asyncio.to_thread(process.wait, 10) == 0
+
+
+def test_djangos_request_log_shortens_device_ids(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+    from django.utils.log import log_response  # what Django calls for every 4xx and 5xx
+
+    device = "0123456789abcdef-full-device-id"
+    request = RequestFactory().get(f"/api/v3/augsburg/de/chat/{device}/?token=secret")
+    logger = logging.getLogger("django.request")
+    with caplog.at_level(logging.ERROR, logger="django.request"):
+        for record_filter in logging.getLogger("django.request").filters:
+            caplog.handler.addFilter(record_filter)
+        log_response(
+            "Service Unavailable: %s",
+            request.path,
+            response=HttpResponse(status=503),
+            request=request,
+            logger=logger,
+        )
+    text = caplog.text
+    assert "Service Unavailable" in text
+    assert device not in text
+    assert "secret" not in text

@@ -42,7 +42,7 @@ class Command(BaseCommand):
                 + "Add or update one with `python manage.py create_region`."
             )
         timeout: float = options["timeout"] or float(settings.ZAMMAD_TIMEOUT_SECS)
-        results = asyncio.run(self._checks(region, timeout))
+        results = asyncio.run(region_report(region, timeout))
         for outcome, line in results:
             self.stdout.write(f"{outcome:<4}  {line}")
         checks = [outcome for outcome, _ in results if outcome != NOTE]
@@ -53,43 +53,47 @@ class Command(BaseCommand):
             )
         self.stdout.write(f"Region {region.slug}: all {len(checks)} checks passed.")
 
-    async def _checks(self, region: Region, timeout_secs: float) -> list[Line]:
-        try:
-            zammad_result, bot_result = await asyncio.gather(
-                self._check_zammad(region, timeout_secs), self._check_bot(timeout_secs)
-            )
-        finally:
-            await zammad.close_sessions()
-            await chatbot.close_sessions()
-        return [_region_line(region), zammad_result, _group_line(region), bot_result]
 
-    async def _check_zammad(self, region: Region, timeout_secs: float) -> Line:
-        if not region.zammad_url or not region.zammad_token:
-            missing = "URL" if not region.zammad_url else "token"
-            return FAIL, (
-                f"Zammad: the region has no Zammad {missing}; set it with "
-                "`create_region` or in the admin"
-            )
-        where = _address(region.zammad_url)
-        check, user = await health.check_zammad(
-            region.zammad_url, region.zammad_token, timeout_secs=timeout_secs
+async def region_report(region: Region, timeout_secs: float) -> list[Line]:
+    """One line per check, in plain words (also the admin's "check connection" action)."""
+    try:
+        zammad_result, bot_result = await asyncio.gather(
+            _check_zammad(region, timeout_secs), _check_bot(timeout_secs)
         )
-        if not check["ok"]:
-            return FAIL, f"Zammad at {where}: {check['detail']}"
-        assert user is not None
-        return OK, (
-            f"Zammad at {where} accepted the token; tickets are opened as user "
-            f"{user['login']!r} (id {user['id']})"
-        )
+    finally:
+        await zammad.close_sessions()
+        await chatbot.close_sessions()
+    return [_region_line(region), zammad_result, _group_line(region), bot_result]
 
-    async def _check_bot(self, timeout_secs: float) -> Line:
-        url: str = settings.CHATBOT_URL
-        if not url:
-            return NOTE, "Bot: not configured (CHATBOT_URL is unset): no automatic answers"
-        check = await health.check_bot(url, timeout_secs=timeout_secs)
-        if not check["ok"]:
-            return FAIL, f"Bot at {_address(url)}: {check['detail']}"
-        return OK, f"Bot at {_address(url)} is healthy"
+
+async def _check_zammad(region: Region, timeout_secs: float) -> Line:
+    if not region.zammad_url or not region.zammad_token:
+        missing = "URL" if not region.zammad_url else "token"
+        return FAIL, (
+            f"Zammad: the region has no Zammad {missing}; set it with "
+            "`create_region` or in the admin"
+        )
+    where = _address(region.zammad_url)
+    check, user = await health.check_zammad(
+        region.zammad_url, region.zammad_token, timeout_secs=timeout_secs
+    )
+    if not check["ok"]:
+        return FAIL, f"Zammad at {where}: {check['detail']}"
+    assert user is not None
+    return OK, (
+        f"Zammad at {where} accepted the token; tickets are opened as user "
+        f"{user['login']!r} (id {user['id']})"
+    )
+
+
+async def _check_bot(timeout_secs: float) -> Line:
+    url: str = settings.CHATBOT_URL
+    if not url:
+        return NOTE, "Bot: not configured (CHATBOT_URL is unset): no automatic answers"
+    check = await health.check_bot(url, timeout_secs=timeout_secs)
+    if not check["ok"]:
+        return FAIL, f"Bot at {_address(url)}: {check['detail']}"
+    return OK, f"Bot at {_address(url)} is healthy"
 
 
 def _region_line(region: Region) -> Line:
