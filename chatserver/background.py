@@ -34,6 +34,7 @@ from .actions import (
 from .chatbot import ChatbotClient
 from .content import html_to_text, sanitize_html
 from .errors import UpstreamError
+from .logging import log_context
 from .models import Chat, Message, Region, Upload, Work
 from .publish import Outbox
 from .zammad import OutgoingAttachment, ZammadClient
@@ -419,5 +420,6 @@ HANDLERS: dict[str, Callable[[Work], Awaitable[None]]] = {
 
 async def run(work_id: int) -> Work:
     work = await load_work(work_id)
-    await HANDLERS[work.kind](work)
+    with log_context(chat_id=work.chat_id, work_id=work.pk):
+        await HANDLERS[work.kind](work)
     return work

@@ -222,6 +222,27 @@ class ZammadClient:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    # Admin resources (groups, object attributes, webhooks, triggers) for provisioning.
+
+    async def list_resources(self, kind: str) -> list[dict[str, Any]]:
+        items = await self._request_json("GET", f"/api/v1/{kind}")
+        if not isinstance(items, list) or not all(_has_int_id(item) for item in items):
+            _fail("bad_response", f"GET /api/v1/{kind}: not a list of objects with ids")
+        return items
+
+    async def create_resource(self, kind: str, attributes: dict[str, Any]) -> dict[str, Any]:
+        path = f"/api/v1/{kind}"
+        return _expect_object(await self._request_json("POST", path, attributes), "POST", path)
+
+    async def update_resource(
+        self, kind: str, resource_id: int, attributes: dict[str, Any]
+    ) -> dict[str, Any]:
+        path = f"/api/v1/{kind}/{resource_id}"
+        return _expect_object(await self._request_json("PUT", path, attributes), "PUT", path)
+
+    async def execute_attribute_migrations(self) -> None:
+        await self._request_json("POST", "/api/v1/object_manager_attributes_execute_migrations", {})
+
     def _headers(self, *, accept: str = "application/json") -> dict[str, str]:
         return {
             "Authorization": f"Token token={self._token}",

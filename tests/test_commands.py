@@ -63,7 +63,17 @@ def test_create_region_refuses_bad_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["create_region", "chat_worker", "serve", "demo", "fake_zammad", "fake_chatbot"]
+    "command",
+    [
+        "create_region",
+        "chat_worker",
+        "serve",
+        "demo",
+        "fake_zammad",
+        "fake_chatbot",
+        "check_region",
+        "setup_zammad",
+    ],
 )
 def test_every_command_has_help(command: str, settings: Any) -> None:
     result = subprocess.run(
@@ -76,3 +86,41 @@ def test_every_command_has_help(command: str, settings: Any) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+@pytest.mark.django_db
+def test_setup_zammad_provisions_by_name_and_is_idempotent(zammad: Any) -> None:
+    from .conftest import make_region
+
+    region = make_region(zammad.url)
+    for _ in range(2):
+        out = io.StringIO()
+        call_command("setup_zammad", region.slug, "--server-url", "https://chat.example.org/",
+                     stdout=out)  # fmt: skip
+        assert region.webhook_token not in out.getvalue()
+    fake = zammad.fake
+    groups = [group["name"] for group in fake.groups.values()]
+    assert groups.count("integreat-chat") == 1
+    attributes = fake.admin_resources["object_manager_attributes"].values()
+    assert sorted(a["name"] for a in attributes) == ["automatic_answers", "evaluation_consent"]
+    assert fake.migrations_executed == 2
+    [webhook] = fake.admin_resources["webhooks"].values()
+    assert webhook["endpoint"] == (
+        f"https://chat.example.org/api/v3/webhook/zammad/?token={region.webhook_token}"
+    )
+    assert webhook["signature_token"] == region.signature_secret
+    [trigger] = fake.admin_resources["triggers"].values()
+    assert trigger["perform"] == {"notification.webhook": {"webhook_id": webhook["id"]}}
+    assert trigger["condition"]["article.subject"] == {
+        "operator": "contains not",
+        "value": "automatically generated message",
+    }
+
+
+@pytest.mark.django_db
+def test_setup_zammad_says_when_zammad_refuses(zammad: Any) -> None:
+    from .conftest import make_region
+
+    region = make_region(zammad.url, zammad_token="wrong")
+    with pytest.raises(CommandError, match="Zammad refused the setup"):
+        call_command("setup_zammad", region.slug, "--server-url", "https://chat.example.org")

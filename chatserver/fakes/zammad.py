@@ -268,6 +268,8 @@ class FakeZammad:
         self.delay_secs = 0.0
         self.down = False
         self.faults: list[Fault] = []
+        self.admin_resources: dict[str, dict[int, dict[str, Any]]] = {}
+        self.migrations_executed = 0
         self.held: list[Delivery] = []
         self.received_log: list[dict[str, Any]] = []
         self.delivery_log: list[dict[str, Any]] = []
@@ -693,6 +695,53 @@ class FakeZammad:
         if change is not None:
             call.changes.append(change)
         return web.json_response(self.ticket_json(ticket))
+
+    # --- admin resources (provisioning) ---------------------------------------------------------
+
+    def _resources(self, kind: str) -> dict[int, dict[str, Any]]:
+        if kind == "groups":
+            return self.groups
+        return self.admin_resources.setdefault(kind, {})
+
+    def _shown(self, kind: str, item: dict[str, Any]) -> dict[str, Any]:
+        shown = copy.deepcopy(item)
+        for secret in ("signature_token", "basic_auth_password", "bearer_token"):
+            if shown.get(secret):
+                shown[secret] = "**********"  # Zammad never returns webhook secrets
+        return shown
+
+    async def _api_resource_list(self, request: web.Request, call: ApiCall) -> web.StreamResponse:
+        kind = request.match_info["kind"]
+        items = self._resources(kind).values()
+        return web.json_response([self._shown(kind, item) for item in items])
+
+    async def _api_resource_create(self, request: web.Request, call: ApiCall) -> web.StreamResponse:
+        kind = request.match_info["kind"]
+        data = await self._json_body(request)
+        if not isinstance(data.get("name"), str) or not data["name"]:
+            raise FakeError(422, "Need at least a 'name'.")
+        items = self._resources(kind)
+        if any(item.get("name") == data["name"] for item in items.values()):
+            raise FakeError(422, f"Name '{data['name']}' is already used.")
+        item_id = max(items, default=0) + 1
+        items[item_id] = {**data, "id": item_id, "active": data.get("active", True)}
+        return web.json_response(self._shown(kind, items[item_id]), status=201)
+
+    async def _api_resource_update(self, request: web.Request, call: ApiCall) -> web.StreamResponse:
+        kind = request.match_info["kind"]
+        items = self._resources(kind)
+        item_id = int(request.match_info["id"])
+        if item_id not in items:
+            raise FakeError(404, f"Couldn't find {kind} with 'id'={item_id}")
+        items[item_id].update(await self._json_body(request))
+        items[item_id]["id"] = item_id
+        return web.json_response(self._shown(kind, items[item_id]))
+
+    async def _api_execute_migrations(
+        self, request: web.Request, call: ApiCall
+    ) -> web.StreamResponse:
+        self.migrations_executed += 1
+        return web.json_response({})
 
     async def _api_ticket_states(self, request: web.Request, call: ApiCall) -> web.StreamResponse:
         return web.json_response(
@@ -1187,6 +1236,27 @@ class FakeZammad:
                 "GET",
                 f"{api}/ticket_attachment/{{ticket_id:\\d+}}/{{article_id:\\d+}}/{{id:\\d+}}",
                 self._api_attachment,
+            ),
+            # Admin resources the provisioning command (``setup_zammad``) manages by name.
+            (
+                "GET",
+                f"{api}/{{kind:groups|webhooks|triggers|object_manager_attributes}}",
+                self._api_resource_list,
+            ),
+            (
+                "POST",
+                f"{api}/{{kind:groups|webhooks|triggers|object_manager_attributes}}",
+                self._api_resource_create,
+            ),
+            (
+                "PUT",
+                f"{api}/{{kind:groups|webhooks|triggers|object_manager_attributes}}/{{id:\\d+}}",
+                self._api_resource_update,
+            ),
+            (
+                "POST",
+                f"{api}/object_manager_attributes_execute_migrations",
+                self._api_execute_migrations,
             ),
             # Anything else under /api answers like Zammad's routing error, after auth.
             ("*", "/api/{tail:.*}", self._api_no_route),
