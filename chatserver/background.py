@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
+from django.utils.dateparse import parse_datetime
 
 from . import metrics
 from .actions import (
@@ -42,6 +44,8 @@ from .zammad import OutgoingAttachment, ZammadClient
 logger = logging.getLogger(__name__)
 
 _customer_logins: dict[tuple[str, str], str] = {}
+# Zammad's clock and ours: a ticket opened for this chat is not older than the chat by more.
+TICKET_CLOCK_SKEW = timedelta(minutes=5)
 
 
 def zammad_for(region: Region) -> ZammadClient:
@@ -73,19 +77,56 @@ def _locked_chat(chat_id: int) -> Chat:
 # --- Zammad lane ------------------------------------------------------------------------------
 
 
-async def ensure_ticket(chat: Chat) -> int:
+async def ensure_ticket(chat: Chat, *, maybe_created: bool = False) -> int:
+    """The chat's ticket, opened on first use. ``maybe_created``: an earlier attempt may have
+    opened it before its worker died or its call timed out; Zammad has no idempotency key, so
+    look for it first (by title, opened since the chat, not another chat's)."""
     if chat.zammad_ticket_id is not None:
         return chat.zammad_ticket_id
     region = chat.region
-    ticket = await zammad_for(region).create_ticket(
-        title=f"[Integreat Chat] [{chat.language}] {chat.device_id}",
-        group=region.ticket_group or settings.CHAT_ZAMMAD_TICKET_GROUP,
-        customer=await customer_login(region),
-    )
+    client = zammad_for(region)
+    title = f"[Integreat Chat] [{chat.language}] {chat.device_id}"
+    ticket = None
+    if maybe_created:
+        ticket = await _find_ticket(client, chat, title)
+    if ticket is None:
+        ticket = await client.create_ticket(
+            title=title,
+            group=region.ticket_group or settings.CHAT_ZAMMAD_TICKET_GROUP,
+            customer=await customer_login(region),
+        )
     ticket_id = int(ticket["id"])
     await database_sync_to_async(_record_ticket)(chat.pk, ticket_id)
     chat.zammad_ticket_id = ticket_id
     return ticket_id
+
+
+async def _find_ticket(client: ZammadClient, chat: Chat, title: str) -> dict[str, Any] | None:
+    candidates = [
+        ticket
+        for ticket in await client.search_tickets(f'"{title}"')
+        if ticket.get("title") == title
+        and (_created_at(ticket) or chat.created_at) >= chat.created_at - TICKET_CLOCK_SKEW
+    ]
+    taken = await database_sync_to_async(_tickets_of_other_chats)(
+        chat, [int(ticket["id"]) for ticket in candidates]
+    )
+    mine = [ticket for ticket in candidates if int(ticket["id"]) not in taken]
+    return min(mine, key=lambda ticket: int(ticket["id"])) if mine else None
+
+
+def _tickets_of_other_chats(chat: Chat, ticket_ids: list[int]) -> set[int]:
+    others = Chat.objects.filter(region_id=chat.region_id, zammad_ticket_id__in=ticket_ids)
+    found = others.exclude(pk=chat.pk).values_list("zammad_ticket_id", flat=True)
+    return {ticket_id for ticket_id in found if ticket_id is not None}
+
+
+def _created_at(ticket: dict[str, Any]) -> datetime | None:
+    value = ticket.get("created_at")
+    try:
+        return parse_datetime(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _record_ticket(chat_id: int, ticket_id: int) -> None:
@@ -114,7 +155,7 @@ async def post_message(work: Work) -> None:
         await _mark_sent(message.pk, {"id": message.zammad_article_id})
         return
     chat = work.chat
-    ticket_id = await ensure_ticket(chat)
+    ticket_id = await ensure_ticket(chat, maybe_created=work.attempts > 1)
     client = zammad_for(chat.region)
     article = None
     if work.attempts > 1:
@@ -213,7 +254,7 @@ async def translate_question(work: Work) -> None:
     )
     if translation.strip() == text.strip():
         return
-    ticket_id = await ensure_ticket(chat)
+    ticket_id = await ensure_ticket(chat, maybe_created=work.attempts > 1)
     client = zammad_for(region)
     article = None
     if work.attempts > 1:
@@ -239,7 +280,7 @@ def _ignore(chat_id: int, article_id: int) -> None:
 
 
 async def set_attributes(work: Work) -> None:
-    ticket_id = await ensure_ticket(work.chat)
+    ticket_id = await ensure_ticket(work.chat, maybe_created=work.attempts > 1)
     await zammad_for(work.chat.region).update_ticket(ticket_id, dict(work.payload))
 
 

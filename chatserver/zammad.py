@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import aiohttp
 from django.conf import settings
@@ -174,6 +175,14 @@ class ZammadClient:
         if not isinstance(articles, list) or not all(_has_int_id(item) for item in articles):
             _fail("bad_response", f"GET {path}: expected a list of articles")
         return articles
+
+    async def search_tickets(self, query: str) -> list[dict[str, Any]]:
+        """``tickets/search`` with ``expand=true``: a list of tickets."""
+        path = f"/api/v1/tickets/search?query={quote(query)}&expand=true&limit=50"
+        tickets = await self._request_json("GET", path)
+        if not isinstance(tickets, list) or not all(_has_int_id(item) for item in tickets):
+            _fail("bad_response", "GET /api/v1/tickets/search: not a list of tickets")
+        return tickets
 
     async def get_ticket(self, ticket_id: int) -> dict[str, Any]:
         path = f"/api/v1/tickets/{int(ticket_id)}"

@@ -1809,12 +1809,6 @@ async def storm(server: Daphne, *, connects: int, posts: int) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known issue, reported: a ticket creation that stalls past ZAMMAD_TIMEOUT_SECS but "
-    "completes in Zammad is retried and opens a second ticket, because ensure_ticket() does not "
-    "look for the first one (Zammad's ticket search would be needed, in the client and the fake)",
-)
 async def test_stalled_ticket_creation_opens_one_ticket(
     live_region: Region, zammad: FakeZammadServer, settings: Any
 ) -> None:
@@ -1835,9 +1829,9 @@ async def test_stalled_ticket_creation_opens_one_ticket(
     messages = [m.pk async for m in Message.objects.filter(chat__device_id=device)]
     in_zammad = await zammad_articles_by_message(zammad)
     assert_delivered("message in Zammad", messages, list(in_zammad.elements()))
-    # ... but Zammad has a second, empty ticket for the chat.
+    # ... and the retry found the late ticket instead of opening a second one.
     tickets = await ticket_count(zammad, device, 0)
-    FIGURES.note(f"stalled ticket creation: {tickets} tickets in Zammad for one chat (known issue)")
+    FIGURES.note(f"stalled ticket creation: {tickets} ticket(s) in Zammad for one chat")
     assert tickets == 1
 
 

@@ -684,6 +684,21 @@ class FakeZammad:
         ticket = self.create_ticket(data, call.user)
         return web.json_response(self.ticket_json(ticket), status=201)
 
+    async def _api_ticket_search(self, request: web.Request, call: ApiCall) -> web.StreamResponse:
+        """Zammad's search without Elasticsearch: the query as a substring of the title; with
+        ``expand=true`` the answer is a list of tickets."""
+        query = request.query.get("query", "").strip('"').lower()
+        found = [
+            self.ticket_json(ticket, with_article_ids=False)
+            for ticket in self.tickets.values()
+            if query and query in str(ticket["title"]).lower()
+        ]
+        if request.query.get("expand") == "true":
+            return web.json_response(found)
+        return web.json_response(
+            {"tickets": [t["id"] for t in found], "tickets_count": len(found), "assets": {}}
+        )
+
     async def _api_ticket_show(self, request: web.Request, call: ApiCall) -> web.StreamResponse:
         ticket = self._ticket(int(request.match_info["id"]))
         return web.json_response(self.ticket_json(ticket, with_article_ids=False))
@@ -1226,6 +1241,7 @@ class FakeZammad:
             ("GET", f"{api}/users/me", self._api_users_me),
             ("GET", f"{api}/users/{{id:\\d+}}", self._api_user_show),
             ("POST", f"{api}/tickets", self._api_ticket_create),
+            ("GET", f"{api}/tickets/search", self._api_ticket_search),
             ("GET", f"{api}/tickets/{{id:\\d+}}", self._api_ticket_show),
             ("PUT", f"{api}/tickets/{{id:\\d+}}", self._api_ticket_update),
             ("GET", f"{api}/ticket_states", self._api_ticket_states),
