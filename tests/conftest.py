@@ -26,7 +26,7 @@ from chatserver.fakes.zammad import FakeZammad, FakeZammadServer
 from chatserver.layer import ChatChannelLayer
 from chatserver.models import Region
 
-from .helpers import wait_for_sync
+from .helpers import Capture, wait_for_sync
 
 pytest_plugins = ["tests.abuse_report"]  # prints the fault and abuse suite's figures
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,3 +275,18 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     redis = PrivateRedis(tmp_path).start()
     yield redis
     redis.stop()
+
+
+@pytest.fixture
+def capture(zammad: FakeZammadServer) -> Iterator[Capture]:
+    """The fake Zammad's webhook, captured instead of delivered (tests replay it)."""
+    capture = Capture()
+    capture.server.start()
+    zammad.set_webhook(
+        url=f"{capture.server.url}/hook",
+        signature_secret=SIGNATURE_SECRET,
+        trigger_on_customer=False,
+    )
+    yield capture
+    zammad.set_webhook(url=None)
+    capture.server.stop()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, get_type_hints
 
+from aiohttp import web
+
 from chatserver import events
+from chatserver.fakes.base import ThreadedServer
 
 T = TypeVar("T")
 
@@ -125,3 +129,34 @@ def check_frame(frame: dict[str, Any]) -> None:
             "not_configured",
             "unavailable",
         }, frame
+
+
+class Capture:
+    """A webhook endpoint that records what the fake Zammad sends, byte for byte (the ``capture``
+    fixture points the fake's webhook at it)."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.server = ThreadedServer(self._app)
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/hook", self._receive)
+        return app
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        with self.lock:
+            self.deliveries.append({"headers": dict(request.headers), "body": raw})
+        return web.Response(text="Thanks!")
+
+    def wait(self, count: int) -> list[dict[str, Any]]:
+        wait_for_sync(lambda: len(self.deliveries) >= count, what=f"{count} deliveries")
+        with self.lock:
+            return list(self.deliveries[:count])
+
+    async def wait_async(self, count: int) -> list[dict[str, Any]]:
+        await wait_for(lambda: len(self.deliveries) >= count, what=f"{count} deliveries")
+        with self.lock:
+            return list(self.deliveries[:count])

@@ -23,7 +23,6 @@ import json
 import random
 import subprocess
 import sys
-import threading
 import time
 import unicodedata
 import uuid
@@ -39,7 +38,6 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import psycopg
 import pytest
-from aiohttp import web
 from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 from django.utils import timezone
@@ -48,7 +46,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chatserver.asgi import application
 from chatserver.errors import Unavailable
-from chatserver.fakes.base import ThreadedServer, free_port
+from chatserver.fakes.base import free_port
 from chatserver.fakes.zammad import FakeZammadServer
 from chatserver.models import Message, Region, WebhookDelivery, Work
 
@@ -63,7 +61,7 @@ from .conftest import (
     drain,
     server_env,
 )
-from .helpers import check_frame, wait_for, wait_for_sync
+from .helpers import Capture, check_frame, wait_for, wait_for_sync
 from .private_postgres import PG_BIN, PrivatePostgres
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -959,45 +957,6 @@ UNICODE = [
 ]
 
 
-class Capture:
-    """A webhook receiver for the fake Zammad: records each delivery, byte for byte."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.server = ThreadedServer(self._app)
-
-    def _app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/hook", self._receive)
-        return app
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        with self.lock:
-            self.deliveries.append({"headers": dict(request.headers), "body": raw})
-        return web.Response(text="ok")
-
-    async def wait(self, count: int) -> list[dict[str, Any]]:
-        await wait_for(lambda: len(self.deliveries) >= count, what=f"{count} deliveries")
-        with self.lock:
-            return list(self.deliveries[:count])
-
-
-@pytest.fixture
-def capture(zammad: FakeZammadServer) -> Iterator[Capture]:
-    capture = Capture()
-    capture.server.start()
-    zammad.set_webhook(
-        url=f"{capture.server.url}/hook",
-        signature_secret=SIGNATURE_SECRET,
-        trigger_on_customer=False,
-    )
-    yield capture
-    zammad.set_webhook(url=None)
-    capture.server.stop()
-
-
 def forwarded_headers(delivery: dict[str, Any]) -> dict[str, str]:
     keep = {"x-zammad-delivery", "x-hub-signature", "x-zammad-trigger"}
     return {k: v for k, v in delivery["headers"].items() if k.lower() in keep}
@@ -1087,12 +1046,12 @@ async def test_unicode_in_agent_articles_is_cleaned_but_intact(
                     await asyncio.to_thread(
                         zammad.agent_reply, ticket["id"], body, content_type=content_type
                     )
-                    delivery = (await capture.wait(count + 1))[count]
+                    delivery = (await capture.wait_async(count + 1))[count]
                     raw, headers = delivery["body"], forwarded_headers(delivery)
                 else:
                     # The fake cannot send lone surrogates; Zammad can (JSON escapes): the same
                     # payload shape, written by hand, signed.
-                    template = (await capture.wait(1))[0]
+                    template = (await capture.wait_async(1))[0]
                     raw, headers = surrogate_delivery(template, body, content_type)
                 response = await rest(client, "POST", HOOK, raw, "application/json", headers)
                 assert response.status_code == 200, (case.name, content_type, response.content)
@@ -1282,7 +1241,7 @@ async def test_webhook_flood_with_duplicates(
                 zammad.agent_reply, ticket_id, f"<p>Antwort {number}</p>"
             )
             articles[device].append(article["id"])
-    unique = await capture.wait(FLOOD_TICKETS * FLOOD_REPLIES_PER_TICKET)
+    unique = await capture.wait_async(FLOOD_TICKETS * FLOOD_REPLIES_PER_TICKET)
     shuffler = random.Random(20261126)
     deliveries = unique + shuffler.sample(unique, len(unique))  # every one twice: 50% duplicates
     shuffler.shuffle(deliveries)

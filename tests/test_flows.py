@@ -26,10 +26,10 @@ from chatserver.fakes.zammad import FakeZammadServer
 from chatserver.models import Chat, Message, Region, WebhookDelivery, Work
 
 from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, Daphne, drain, server_env
-from .helpers import check_conversation, check_frame, wait_for
+from .helpers import Capture, check_conversation, check_frame, wait_for
 from .test_consumer import Socket
 from .test_durability import WorkerProcess, running_worker, until
-from .test_webhook import Capture, replay
+from .test_webhook import replay
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -292,7 +292,7 @@ async def test_counsellor_reply_is_translated_into_the_chat_language(
 
     # Zammad's trigger skips articles with the marker subject: no webhook for the translation.
     zammad.wait_deliveries_idle()
-    assert len(capture.requests) == 1
+    assert len(capture.deliveries) == 1
     # Were one delivered anyway (another trigger, a hand-made one), it is the server's own.
     payload = json.loads(delivery["body"])
     payload["article"] = posted

@@ -6,63 +6,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
-from chatserver.fakes.base import ThreadedServer
 from chatserver.models import Message, Region, WebhookDelivery, Work
 
 from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, drain
-from .helpers import check_conversation, wait_for_sync
+from .helpers import Capture, check_conversation
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 DEVICE = "webhook-device-0001"
 CHAT = f"/api/v3/augsburg/de/chat/{DEVICE}/"
 HOOK = f"/api/v3/webhook/zammad/?token={WEBHOOK_TOKEN}"
-
-
-class Capture:
-    """A webhook endpoint that records what the fake Zammad sends, byte for byte."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.server = ThreadedServer(self.make_app)
-
-    def make_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/hook", self.receive)
-        return app
-
-    async def receive(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        with self.lock:
-            self.requests.append({"headers": dict(request.headers), "body": raw})
-        return web.Response(text="Thanks!")
-
-    def wait(self, count: int) -> list[dict[str, Any]]:
-        wait_for_sync(lambda: len(self.requests) >= count, what=f"{count} deliveries")
-        return self.requests[:count]
-
-
-@pytest.fixture
-def capture(zammad: Any) -> Iterator[Capture]:
-    capture = Capture()
-    capture.server.start()
-    zammad.set_webhook(
-        url=f"{capture.server.url}/hook",
-        signature_secret=SIGNATURE_SECRET,
-        trigger_on_customer=False,
-    )
-    yield capture
-    capture.server.stop()
 
 
 async def replay(client: AsyncClient, delivery: dict[str, Any], path: str = HOOK) -> Any:

@@ -7,6 +7,7 @@ commands run the same applications in the foreground.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -90,3 +91,23 @@ class ThreadedServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+async def serve_until_signal(
+    app: web.Application, host: str, port: int, on_started: Callable[[str], None]
+) -> None:
+    """Serve ``app`` in the foreground until SIGINT or SIGTERM (the simulators' commands);
+    ``on_started`` gets the URL, with the real port when ``port`` is 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        on_started(f"http://{host}:{runner.addresses[0][1]}")
+        await stop.wait()
+    finally:
+        # The fakes release stalled calls and cancel pending webhooks on cleanup: no hang.
+        await runner.cleanup()

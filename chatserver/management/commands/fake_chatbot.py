@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from argparse import ArgumentParser
 from typing import Any
 
-from aiohttp import web
 from django.core.management.base import BaseCommand, CommandError
 
+from chatserver.fakes.base import serve_until_signal
 from chatserver.fakes.chatbot import ANSWER_PATHS, CONTROL_PREFIX, HEALTH_PATH, FakeChatbot
 
 
@@ -62,20 +61,8 @@ class Command(BaseCommand):
             ) from exc
 
     async def _serve(self, fake: FakeChatbot, host: str, port: int) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        runner = web.AppRunner(fake.make_app(), handle_signals=False)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_port = runner.addresses[0][1]  # the real one when --port 0
-            url = f"http://{host}:{bound_port}"
+        def started(url: str) -> None:
             self.stdout.write(f"Fake chat bot at {url} (health: {url}{HEALTH_PATH}); Ctrl-C stops")
             self.stdout.flush()
-            await stop.wait()
-        finally:
-            # Stopping releases stalled calls, so this does not hang on them.
-            await runner.cleanup()
+
+        await serve_until_signal(fake.make_app(), host, port, started)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from argparse import ArgumentParser
 from typing import Any
 
-from aiohttp import web
 from django.core.management.base import BaseCommand, CommandError
 
+from chatserver.fakes.base import serve_until_signal
 from chatserver.fakes.zammad import AGENT_LOGIN, DEFAULT_TOKEN, INTEGRATION_LOGIN, FakeZammad
 
 
@@ -62,17 +61,7 @@ class Command(BaseCommand):
             ) from exc
 
     async def _serve(self, fake: FakeZammad, host: str, port: int) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        runner = web.AppRunner(fake.make_app(), handle_signals=False, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_port = runner.addresses[0][1]  # the real one when --port 0
-            url = f"http://{host}:{bound_port}"
+        def started(url: str) -> None:
             fake.public_url = url  # attachment URLs in webhook payloads point here
             lines = [
                 f"Fake Zammad at {url} (token {fake.token!r}); Ctrl-C stops",
@@ -81,7 +70,5 @@ class Command(BaseCommand):
             ]
             self.stdout.write("\n".join(lines))
             self.stdout.flush()
-            await stop.wait()
-        finally:
-            # Shutting down wakes stalled calls and cancels pending webhooks, so this never hangs.
-            await runner.cleanup()
+
+        await serve_until_signal(fake.make_app(), host, port, started)
