@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
 from bench import monitor, payloads, system
 from bench.clients import (
     Fleet,
@@ -25,7 +27,7 @@ from bench.clients import (
     post_webhooks,
     post_webhooks_paced,
 )
-from bench.stack import Server, device_id
+from bench.stack import REGION_SLUG, Server, device_id
 
 DRAIN_POLL_SECS = 0.02
 
@@ -449,6 +451,74 @@ async def idle(ctx: Context) -> Result:
         f"{rss_before / 1024:.1f} MiB / {system.rss_kib(pid) / 1024:.1f} MiB",
     )
     return result
+
+
+@scenario(
+    "rest",
+    "REST polls as today's apps make them: GET of a 20-message chat and a poll answered 304 by "
+    "its ETag, each against the cheapest Django view (/healthz) on the same server",
+)
+async def rest(ctx: Context) -> Result:
+    args = ctx.args
+    result = Result("rest")
+    device = device_id(0)
+    chat_url = f"{ctx.server.url}/api/v3/{REGION_SLUG}/de/chat/{device}/"
+    async with aiohttp.ClientSession() as session:
+        for number in range(REST_MESSAGES):
+            async with session.post(chat_url, data={"message": f"message {number}"}) as answer:
+                if answer.status != 200:
+                    result.problems.append(f"setting up the chat: POST answered {answer.status}")
+                    return result
+        async with session.get(chat_url) as answer:
+            etag = answer.headers.get("ETag", "")
+            messages = len((await answer.json())["messages"])
+    targets = [
+        ("cheapest Django view (/healthz)", f"{ctx.server.url}/healthz", {}, 200),
+        (f"GET of a {messages}-message chat", chat_url, {}, 200),
+        ("poll answered 304 by its ETag", chat_url, {"If-None-Match": etag}, 304),
+    ]
+    rates: list[float] = []
+    for label, url, headers, expected in targets:
+        usage_before = await ctx.usage()
+        done, wrong, latencies = await hammer(url, headers, expected, args.rest_secs, 32)
+        cost = monitor.cost(usage_before, await ctx.usage())
+        rate = done / args.rest_secs
+        rates.append(rate)
+        result.add(label, f"{rate:.0f} requests/s; {spread(latencies)}; CPU: {cost.summary()}")
+        if wrong:
+            result.problems.append(f"{label}: {wrong} answers were not {expected}")
+    if rates[0]:
+        result.add("GET / cheapest view", f"{rates[1] / rates[0]:.0%} (target at least 60 %)")
+        result.add("304 / cheapest view", f"{rates[2] / rates[0]:.0%} (target at least 80 %)")
+    return result
+
+
+REST_MESSAGES = 20
+
+
+async def hammer(
+    url: str, headers: dict[str, str], expected: int, secs: float, concurrency: int
+) -> tuple[int, int, list[float]]:
+    """GET ``url`` from ``concurrency`` keep-alive clients for ``secs``: answers counted,
+    answers with another status, latencies."""
+    latencies: list[float] = []
+    wrong = 0
+    deadline = time.monotonic() + secs
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def client() -> None:
+            nonlocal wrong
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                async with session.get(url, headers=headers) as answer:
+                    await answer.read()
+                    if answer.status != expected:
+                        wrong += 1
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(latencies), wrong, latencies
 
 
 async def ping(socket: Socket, timeout: float) -> float | None:
