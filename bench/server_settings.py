@@ -5,19 +5,19 @@ Used as ``bench/run --server-env DJANGO_SETTINGS_MODULE=bench.server_settings --
 BENCH_...=...`` (or ``bench/run --fixes``, which sets them all). With no ``BENCH_`` variable set
 it is exactly ``chatserver.settings``.
 
-- ``BENCH_CONN_MAX_AGE``: seconds a database connection is kept (the server uses 60; Django
-  says persistent connections must be off under ASGI, i.e. 0).
-- ``BENCH_DB_POOL_MAX``: use Django's psycopg connection pool (Django 5.1+, needs
-  ``psycopg-pool``) with at most this many connections.
+- ``BENCH_CONN_MAX_AGE``: seconds a database connection is kept (the server now uses 0 with a
+  psycopg pool, as Django says for ASGI; this measures the old way).
+- ``BENCH_DB_POOL_MAX``: the size of Django's psycopg connection pool (the server's default is
+  ``DB_POOL_MAX_SIZE`` 16).
 - ``BENCH_SYNC_THREADS``: threads for the consumers' database calls. Channels consumers run no
   ``ThreadSensitiveContext``, so every ``database_sync_to_async`` call of every socket runs on
   asgiref's one process-wide thread; this widens that executor (what ``thread_sensitive=False``
   on the consumers' read actions would do in the server's code).
 - ``BENCH_LISTEN_BACKLOG``: the listen backlog of daphne's endpoint (Twisted's default is 50).
 - ``BENCH_LAYER_EXPIRY``: seconds a push may wait in the layer's Redis queue before
-  channels-redis discards it (the server uses 60).
-- ``BENCH_LAYER=batched``: the server's layer with a batched receive (``bench/layers.py``),
-  the change recommended for the push path.
+  channels-redis discards it (the server now uses 300).
+- ``BENCH_LAYER=batched``: the prototype of the batched receive (``bench/layers.py``) that the
+  server's layer has since adopted in its own reader task.
 - ``BENCH_LAYER=pubsub``: channels-redis's ``RedisPubSubChannelLayer`` instead of the server's
   layer (no per-message round trips on receive; loses messages across Redis blips, which the
   server's store-based catch-up would have to cover). A reference point, not a recommendation.
