@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random  # the beta roll is not security-relevant
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -193,8 +194,6 @@ def set_typing(chat: Chat, typing: bool, outbox: Outbox) -> None:
 
 @database_sync_to_async
 def is_chat_enabled(region_slug: str, device_id: str) -> bool:
-    import random  # the roll is not security-relevant
-
     region = get_region(region_slug)
     if not region.is_configured:
         return False

@@ -37,10 +37,6 @@ def new_request_id() -> str:
     return secrets.token_hex(REQUEST_ID_BYTES)
 
 
-def current_context() -> Mapping[str, str]:
-    return _context.get()
-
-
 @contextmanager
 def log_context(**ids: object) -> Iterator[None]:
     """Add ids to every log line written inside the block (``None`` values are skipped)."""
