@@ -20,14 +20,16 @@ from typing import Any, Literal
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from . import metrics, validation
 from .attachments import NewAttachment
+from .batching import GroupCommit
 from .content import clean_text, sanitize_html, text_to_html
 from .errors import (
+    ChatError,
     ChatNotFound,
     InvalidMessage,
     InvalidWebhook,
@@ -156,20 +158,30 @@ def save_chat(chat: Chat) -> None:
     )
 
 
+def new_work(
+    chat: Chat,
+    kind: Work.Kind,
+    message: Message | None = None,
+    payload: dict[str, Any] | None = None,
+) -> Work:
+    """Background work for a chat, not saved yet."""
+    lane = {
+        Work.Kind.ANSWER: Work.Lane.BOT,
+        Work.Kind.TRANSLATE_REPLY: Work.Lane.BOT,
+        Work.Kind.SYNC_TICKET: Work.Lane.SYNC,
+    }.get(kind, Work.Lane.ZAMMAD)
+    return Work(chat=chat, kind=kind, lane=lane, message=message, payload=payload or {})
+
+
 def enqueue(
     chat: Chat,
     kind: Work.Kind,
     message: Message | None = None,
     payload: dict[str, Any] | None = None,
 ) -> Work:
-    lane = {
-        Work.Kind.ANSWER: Work.Lane.BOT,
-        Work.Kind.TRANSLATE_REPLY: Work.Lane.BOT,
-        Work.Kind.SYNC_TICKET: Work.Lane.SYNC,
-    }.get(kind, Work.Lane.ZAMMAD)
-    return Work.objects.create(
-        chat=chat, kind=kind, lane=lane, message=message, payload=payload or {}
-    )
+    work = new_work(chat, kind, message, payload)
+    work.save()
+    return work
 
 
 def _request_answer(chat: Chat, outbox: Outbox) -> None:
@@ -465,14 +477,22 @@ def ingest_counsellor_article(
     """A counsellor's public article becomes a message once, whichever route brings it."""
     if chat.messages.filter(zammad_article_id=article["id"]).exists():
         return None
+    message = counsellor_message(chat, article)
+    message.save()
+    for work in _appended(chat, message, outbox):
+        work.save()
+    return message
+
+
+def counsellor_message(chat: Chat, article: dict[str, Any]) -> Message:
+    """The (unsaved) message of a counsellor's public article."""
     # Cleaned like a device's text: PostgreSQL refuses NUL, and no client should get controls.
     body = clean_text(str(article.get("body") or ""))
     content = (
         sanitize_html(body) if article.get("content_type") == "text/html" else text_to_html(body)
     )
-    message = append_message(
-        chat,
-        outbox,
+    return Message(
+        chat=chat,
         role=Message.Role.AGENT,
         content=content,
         status=Message.Status.SENT,
@@ -480,10 +500,19 @@ def ingest_counsellor_article(
         created_at=_created_at(article),
         attachments=_attachments_of(article),
     )
-    if bot_enabled() and chat.language != chat.region.default_language:
-        enqueue(chat, Work.Kind.TRANSLATE_REPLY, message)
+
+
+def _appended(chat: Chat, message: Message, outbox: Outbox) -> list[Work]:
+    """Bookkeeping for a counsellor's message just stored in a locked chat; returns the work it
+    needs (unsaved)."""
+    prev_id = chat.last_message_id
+    chat.last_message_id = message.pk
+    chat.version += 1
+    outbox.message(chat, message, prev_id)
     metrics.MESSAGES.labels("out", "webhook").inc()
-    return message
+    if bot_enabled() and chat.language != chat.region.default_language:
+        return [new_work(chat, Work.Kind.TRANSLATE_REPLY, message)]
+    return []
 
 
 def known_article_ids(chat: Chat) -> set[int]:
@@ -500,12 +529,6 @@ def known_article_ids(chat: Chat) -> set[int]:
 def ignore_article(chat: Chat, article_id: int) -> None:
     if article_id not in chat.ignored_article_ids:
         chat.ignored_article_ids = [*chat.ignored_article_ids, article_id]
-
-
-def _request_sync(chat: Chat) -> None:
-    pending = Work.objects.filter(chat=chat, kind=Work.Kind.SYNC_TICKET, state=Work.State.QUEUED)
-    if not pending.exists():
-        enqueue(chat, Work.Kind.SYNC_TICKET)
 
 
 def signature_matches(secret: str, body: bytes, header: str | None) -> bool:
@@ -536,77 +559,209 @@ def parse_webhook(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     return ticket, article
 
 
-def region_for_token(token: str | None) -> Region:
-    if not token or len(token) > 200 or not token.isprintable():
-        raise NotFound
-    region = Region.objects.filter(webhook_token=token).first()
+def _valid_token(token: str | None) -> bool:
+    return bool(token) and len(token or "") <= 200 and (token or "").isprintable()
+
+
+def region_for_token(token: str | None, regions: dict[str, Region]) -> Region:
+    """The region whose webhook token this is, among ``regions`` (by token)."""
+    region = regions.get(token or "") if _valid_token(token) else None
     # Compare again in constant time: the index lookup alone says nothing about timing safety.
-    if region is None or not hmac.compare_digest(region.webhook_token.encode(), token.encode()):
+    if region is None or not hmac.compare_digest(
+        region.webhook_token.encode(), (token or "").encode()
+    ):
         raise NotFound
     return region
 
 
-async def receive_webhook(
-    token: str | None, body: bytes, *, signature: str | None, delivery_id: str | None
-) -> str:
-    """Take one delivery of Zammad's trigger webhook; returns its outcome."""
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of Zammad's trigger webhook, as it came in."""
+
+    token: str | None
+    body: bytes
+    signature: str | None
+    delivery_id: str | None
+
+
+@dataclass(frozen=True)
+class _TicketChange:
+    """A delivery whose token, signature and body checked out."""
+
+    region: Region
+    ticket: dict[str, Any]
+    article: dict[str, Any]
+    delivery_id: str | None
+
+
+async def receive_webhook(delivery: Delivery) -> str:
+    """Take one delivery of Zammad's trigger webhook; returns its outcome.
+
+    Deliveries that arrive while a batch is being written are written together in the next one
+    (``GroupCommit``): one transaction, one commit and one publish round for all of them."""
+    return await _webhooks.submit(delivery)
+
+
+async def _receive_webhooks(deliveries: list[Delivery]) -> list[str | Exception]:
     outbox = Outbox()
-    outcome = await database_sync_to_async(_apply_webhook)(
-        token, body, signature, delivery_id, outbox
-    )
+    outcomes = await database_sync_to_async(_apply_webhooks)(deliveries, outbox)
     await outbox.send()
-    metrics.WEBHOOKS.labels(outcome).inc()
-    return outcome
+    for outcome in outcomes:
+        if isinstance(outcome, str):
+            metrics.WEBHOOKS.labels(outcome).inc()
+    return outcomes
 
 
-def _apply_webhook(
-    token: str | None,
-    body: bytes,
-    signature: str | None,
-    delivery_id: str | None,
-    outbox: Outbox,
-) -> str:
-    region = region_for_token(token)
-    if region.signature_secret and not signature_matches(region.signature_secret, body, signature):
-        raise WebhookUnauthorized
-    ticket, article = parse_webhook(body)
-    delivery_id = (delivery_id or "").strip()[:100] or None
-    with transaction.atomic():
-        delivery = WebhookDelivery(
-            region=region,
-            delivery_id=delivery_id,
-            ticket_id=ticket["id"],
-            article_id=article.get("id"),
-            outcome="processing",
-        )
+WEBHOOK_BATCH = 200
+_webhooks: GroupCommit[Delivery, str] = GroupCommit(_receive_webhooks, WEBHOOK_BATCH)
+
+
+def _apply_webhooks(deliveries: list[Delivery], outbox: Outbox) -> list[str | Exception]:
+    """Check every delivery, then apply the good ones in one transaction. Should that
+    transaction fail, each is tried in one of its own, so that one bad delivery fails alone."""
+    outcomes: list[str | Exception] = [""] * len(deliveries)
+    tokens = {delivery.token for delivery in deliveries if _valid_token(delivery.token)}
+    regions = {
+        region.webhook_token: region for region in Region.objects.filter(webhook_token__in=tokens)
+    }
+    changes: dict[int, _TicketChange] = {}
+    for index, delivery in enumerate(deliveries):
         try:
-            with transaction.atomic():
-                delivery.save()
-        except IntegrityError:
-            return "duplicate"
-        delivery.outcome = _apply_ticket_change(region, ticket, article, outbox)
-        delivery.save(update_fields=["outcome"])
-    return delivery.outcome
+            changes[index] = _checked(delivery, regions)
+        except ChatError as error:
+            outcomes[index] = error
+    try:
+        with transaction.atomic():
+            applied = _apply_ticket_changes(list(changes.values()), outbox)
+        outcomes_of: dict[int, str | Exception] = dict(zip(changes, applied, strict=True))
+    except DatabaseError:
+        if len(changes) <= 1:
+            raise
+        logger.warning("a batch of %s webhooks failed; applying them one by one", len(changes))
+        outcomes_of = {index: _apply_alone(change, outbox) for index, change in changes.items()}
+    for index, outcome in outcomes_of.items():
+        outcomes[index] = outcome
+    return outcomes
 
 
-def _apply_ticket_change(
-    region: Region, ticket: dict[str, Any], article: dict[str, Any], outbox: Outbox
-) -> str:
-    chat = (
-        Chat.objects.select_for_update()
-        .filter(region=region, zammad_ticket_id=ticket["id"])
-        .first()
+def _apply_alone(change: _TicketChange, outbox: Outbox) -> str | Exception:
+    try:
+        with transaction.atomic():
+            return _apply_ticket_changes([change], outbox)[0]
+    except DatabaseError as error:
+        return error
+
+
+def _checked(delivery: Delivery, regions: dict[str, Region]) -> _TicketChange:
+    region = region_for_token(delivery.token, regions)
+    if region.signature_secret and not signature_matches(
+        region.signature_secret, delivery.body, delivery.signature
+    ):
+        raise WebhookUnauthorized
+    ticket, article = parse_webhook(delivery.body)
+    delivery_id = (delivery.delivery_id or "").strip()[:100] or None
+    return _TicketChange(region, ticket, article, delivery_id)
+
+
+def _apply_ticket_changes(changes: list[_TicketChange], outbox: Outbox) -> list[str]:
+    """Apply checked deliveries, in order, with a fixed number of queries for the batch: the
+    deliveries seen before, the chats (locked), the articles they have, then one write each for
+    messages, work, chats and deliveries."""
+    if not changes:
+        return []
+    region_ids = {change.region.pk for change in changes}
+    seen = set(
+        WebhookDelivery.objects.filter(
+            region_id__in=region_ids,
+            delivery_id__in={change.delivery_id for change in changes if change.delivery_id},
+        ).values_list("region_id", "delivery_id")
     )
-    if chat is None:
-        return "unknown_ticket"
-    chat.region = region
+    # Locked in id order, so that two batches never wait on each other in a circle.
+    chats = {
+        (chat.region_id, chat.zammad_ticket_id): chat
+        for chat in Chat.objects.select_for_update()
+        .filter(
+            region_id__in=region_ids,
+            zammad_ticket_id__in={change.ticket["id"] for change in changes},
+        )
+        .order_by("pk")
+    }
+    messaged: dict[int, set[int]] = {chat.pk: set() for chat in chats.values()}
+    for chat_id, article_id in Message.objects.filter(
+        chat__in=list(chats.values()), zammad_article_id__isnull=False
+    ).values_list("chat_id", "zammad_article_id"):
+        if article_id is not None:
+            messaged[chat_id].add(article_id)
+    outcomes: list[str] = []
+    deliveries: list[WebhookDelivery] = []
+    new_messages: list[Message] = []
+    to_sync: dict[int, Chat] = {}
+    touched: dict[int, Chat] = {}
+    for change in changes:
+        key = (change.region.pk, change.delivery_id)
+        if change.delivery_id is not None and key in seen:
+            outcomes.append("duplicate")
+            continue
+        seen.add(key)
+        chat = chats.get((change.region.pk, change.ticket["id"]))
+        if chat is None:
+            outcome = "unknown_ticket"
+        else:
+            chat.region = change.region
+            touched[chat.pk] = chat
+            outcome, message, sync = _ticket_change(chat, change, messaged[chat.pk])
+            if message is not None:
+                new_messages.append(message)
+            if sync:
+                to_sync[chat.pk] = chat
+        outcomes.append(outcome)
+        deliveries.append(
+            WebhookDelivery(
+                region=change.region,
+                delivery_id=change.delivery_id,
+                ticket_id=change.ticket["id"],
+                article_id=change.article.get("id"),
+                outcome=outcome,
+            )
+        )
+    # Message ids follow list order, so each chat's messages keep the order they came in.
+    Message.objects.bulk_create(new_messages)
+    work = [item for message in new_messages for item in _appended(message.chat, message, outbox)]
+    syncing = set(
+        Work.objects.filter(
+            chat__in=list(to_sync.values()), kind=Work.Kind.SYNC_TICKET, state=Work.State.QUEUED
+        ).values_list("chat_id", flat=True)
+    )
+    work += [
+        new_work(chat, Work.Kind.SYNC_TICKET) for chat in to_sync.values() if chat.pk not in syncing
+    ]
+    Work.objects.bulk_create(work)
+    for chat in touched.values():
+        save_chat(chat)
+    # A delivery that another process recorded meanwhile has had its effect there: ignored.
+    WebhookDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+    return outcomes
+
+
+def _ticket_change(
+    chat: Chat, change: _TicketChange, messaged: set[int]
+) -> tuple[str, Message | None, bool]:
+    """What one delivery does to its (locked) chat: the outcome, a counsellor's new message
+    (unsaved), and whether the chat needs reconciling with Zammad's article list."""
+    ticket, article = change.ticket, change.article
     outcome = "ticket_changed"
+    message = None
     if isinstance(ticket.get("automatic_answers"), bool):
         chat.automatic_answers = ticket["automatic_answers"]
     if article:
         kind = classify_article(article)
         if kind == "counsellor":
-            outcome = "message" if ingest_counsellor_article(chat, article, outbox) else "known"
+            if article["id"] in messaged:
+                outcome = "known"
+            else:
+                outcome = "message"
+                message = counsellor_message(chat, article)
+                messaged.add(article["id"])
         else:
             outcome = f"ignored_{kind}"
             if kind in {"internal", "other"}:
@@ -614,18 +769,15 @@ def _apply_ticket_change(
     # Late, lost or reordered deliveries: when the ticket lists an article that the server has
     # not seen, reconcile with Zammad's article list in the background.
     listed = ticket.get("article_ids")
-    if (
-        not isinstance(listed, list)
-        or not article
-        or (
-            {item for item in listed if isinstance(item, int)}
-            - known_article_ids(chat)
-            - ({article["id"]} if article else set())
-        )
-    ):
-        _request_sync(chat)
-    save_chat(chat)
-    return outcome
+    unseen = (
+        {item for item in listed if isinstance(item, int)}
+        - messaged
+        - set(chat.ignored_article_ids)
+        - {article.get("id")}
+        if isinstance(listed, list)
+        else None
+    )
+    return outcome, message, not article or unseen is None or bool(unseen)
 
 
 # --- attachments ----------------------------------------------------------------------------

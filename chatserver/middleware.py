@@ -15,7 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.middleware.clickjacking import XFrameOptionsMiddleware
+from django.middleware.common import CommonMiddleware
+from django.middleware.security import SecurityMiddleware
+from django.urls import Resolver404, resolve
 
 from .logging import log_context, new_request_id
 
@@ -59,3 +63,49 @@ class RequestLogMiddleware:
             )
         response[REQUEST_ID_HEADER] = request_id
         return response
+
+
+def is_api_path(path: str) -> bool:
+    """The chat API, the webhook and the probes: async views that use no session, user, CSRF
+    token or message (those serve the admin and the demo page)."""
+    return path.startswith(API_PREFIXES) or "/wp-json/" in path
+
+
+API_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics")
+
+
+class ApiMiddleware:
+    """API requests go straight to their view, past the admin's middleware.
+
+    Django runs each of the session, auth, CSRF and message middleware as sync hooks, one thread
+    hand-off per hook and request; for a poll or a webhook those hand-offs cost more than the
+    view (docs/performance.md). The API uses none of them. It keeps what they add to every
+    answer: the security headers, X-Frame-Options and Content-Length, set here inline (pure
+    header work, nothing that blocks). A path that resolves to no view takes the usual way.
+    """
+
+    async_capable = True
+    sync_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> None:
+        self.get_response = get_response
+        markcoroutinefunction(self)
+        self.security = SecurityMiddleware(get_response)
+        self.common = CommonMiddleware(get_response)
+        self.frame_options = XFrameOptionsMiddleware(get_response)
+
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if not is_api_path(request.path_info):
+            return await self.get_response(request)
+        try:
+            match = resolve(request.path_info)
+        except Resolver404:
+            return await self.get_response(request)
+        early = self.security.process_request(request) or self.common.process_request(request)
+        if early is not None:
+            return early
+        request.resolver_match = match
+        response: HttpResponse = await match.func(request, *match.args, **match.kwargs)
+        response = self.security.process_response(request, response)
+        common: HttpResponseBase = self.common.process_response(request, response)
+        return self.frame_options.process_response(request, common)  # type: ignore[arg-type]

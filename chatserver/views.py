@@ -232,10 +232,12 @@ async def zammad_webhook(request: HttpRequest) -> HttpResponse:
     try:
         body = _limited_body(request)
         outcome = await actions.receive_webhook(
-            request.GET.get("token"),
-            body,
-            signature=request.headers.get("X-Hub-Signature"),
-            delivery_id=request.headers.get("X-Zammad-Delivery"),
+            actions.Delivery(
+                token=request.GET.get("token"),
+                body=body,
+                signature=request.headers.get("X-Hub-Signature"),
+                delivery_id=request.headers.get("X-Zammad-Delivery"),
+            )
         )
     except ChatError as error:
         # A wrong token or signature secret shows here long before anyone misses a reply.
