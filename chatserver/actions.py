@@ -24,7 +24,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import metrics, validation
+from . import metrics, queries, validation
 from .attachments import NewAttachment
 from .batching import GroupCommit
 from .content import clean_text, sanitize_html, text_to_html
@@ -252,14 +252,8 @@ def read_conversation(
     """The current chat's messages (only those with ``id > after``). Never calls Zammad.
 
     A poll is the hot path: the chat and its region come in one query, and a poll answered by
-    its ETag needs no other."""
-    chat = (
-        Chat.objects.select_related("region")
-        .filter(
-            region__slug=validation.region_slug(region_slug), device_id=device_id, is_current=True
-        )
-        .first()
-    )
+    its ETag needs no other (both hand-written, ``queries``)."""
+    chat = queries.current_chat(validation.region_slug(region_slug), device_id)
     if chat is not None and not chat.region.is_configured:
         raise NotConfigured
     if chat is None or chat.is_expired:
@@ -278,10 +272,7 @@ def read_conversation(
     etag = _etag(chat, after)
     if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Snapshot(None, etag, chat.last_message_id)
-    messages = chat.messages.all()
-    if after:
-        messages = messages.filter(id__gt=after)
-    return Snapshot(conversation(chat, list(messages)), etag, chat.last_message_id)
+    return Snapshot(conversation(chat, queries.messages(chat, after)), etag, chat.last_message_id)
 
 
 @database_sync_to_async
