@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import daphne.server
+from daphne.http_protocol import HTTPFactory, WebRequest
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from django.conf import settings
 
@@ -106,5 +107,25 @@ class LimitedWebSocketFactory(WebSocketFactory):  # type: ignore[misc]
         return all_closed
 
 
+class RawBodyWebRequest(WebRequest):  # type: ignore[misc]
+    """daphne's HTTP request, without Twisted parsing form bodies into ``request.args``.
+
+    daphne hands Django the raw body, and Django parses forms itself; Twisted's parse only
+    costs time (it reads every POST's Content-Type through the email package: about a tenth of
+    a webhook's CPU)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsePOSTFormSubmission = False
+
+
+class RawBodyHTTPFactory(HTTPFactory):  # type: ignore[misc]
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        protocol.requestFactory = RawBodyWebRequest
+        return protocol
+
+
 def install() -> None:
     daphne.server.WebSocketFactory = LimitedWebSocketFactory
+    daphne.server.HTTPFactory = RawBodyHTTPFactory
