@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
@@ -28,6 +27,7 @@ from . import metrics, queries, validation
 from .attachments import NewAttachment
 from .batching import GroupCommit
 from .content import clean_text, sanitize_html, text_to_html
+from .db import database_sync_to_async
 from .errors import (
     ChatError,
     ChatNotFound,
@@ -141,21 +141,23 @@ def append_message(chat: Chat, outbox: Outbox, **fields: Any) -> Message:
     return message
 
 
+# What actions change on a chat.
+CHAT_STATE_FIELDS = [
+    "language",
+    "last_activity_at",
+    "expires_at",
+    "automatic_answers",
+    "evaluation_consent",
+    "bot_typing",
+    "version",
+    "last_message_id",
+    "ignored_article_ids",
+    "zammad_ticket_id",
+]
+
+
 def save_chat(chat: Chat) -> None:
-    chat.save(
-        update_fields=[
-            "language",
-            "last_activity_at",
-            "expires_at",
-            "automatic_answers",
-            "evaluation_consent",
-            "bot_typing",
-            "version",
-            "last_message_id",
-            "ignored_article_ids",
-            "zammad_ticket_id",
-        ]
-    )
+    chat.save(update_fields=CHAT_STATE_FIELDS)
 
 
 def new_work(
@@ -611,10 +613,8 @@ def _apply_webhooks(deliveries: list[Delivery], outbox: Outbox) -> list[str | Ex
     """Check every delivery, then apply the good ones in one transaction. Should that
     transaction fail, each is tried in one of its own, so that one bad delivery fails alone."""
     outcomes: list[str | Exception] = [""] * len(deliveries)
-    tokens = {delivery.token for delivery in deliveries if _valid_token(delivery.token)}
-    regions = {
-        region.webhook_token: region for region in Region.objects.filter(webhook_token__in=tokens)
-    }
+    tokens = {delivery.token or "" for delivery in deliveries if _valid_token(delivery.token)}
+    regions = queries.regions_by_token(list(tokens))
     changes: dict[int, _TicketChange] = {}
     for index, delivery in enumerate(deliveries):
         try:
@@ -660,40 +660,30 @@ def _apply_ticket_changes(changes: list[_TicketChange], outbox: Outbox) -> list[
     messages, work, chats and deliveries."""
     if not changes:
         return []
-    region_ids = {change.region.pk for change in changes}
-    seen = set(
-        WebhookDelivery.objects.filter(
-            region_id__in=region_ids,
-            delivery_id__in={change.delivery_id for change in changes if change.delivery_id},
-        ).values_list("region_id", "delivery_id")
+    region_ids = list({change.region.pk for change in changes})
+    seen = queries.seen_deliveries(
+        region_ids, list({change.delivery_id for change in changes if change.delivery_id})
     )
-    # Locked in id order, so that two batches never wait on each other in a circle.
     chats = {
         (chat.region_id, chat.zammad_ticket_id): chat
-        for chat in Chat.objects.select_for_update()
-        .filter(
-            region_id__in=region_ids,
-            zammad_ticket_id__in={change.ticket["id"] for change in changes},
+        for chat in queries.chats_of_tickets(
+            region_ids, list({change.ticket["id"] for change in changes})
         )
-        .order_by("pk")
     }
     messaged: dict[int, set[int]] = {chat.pk: set() for chat in chats.values()}
-    for chat_id, article_id in Message.objects.filter(
-        chat__in=list(chats.values()), zammad_article_id__isnull=False
-    ).values_list("chat_id", "zammad_article_id"):
-        if article_id is not None:
-            messaged[chat_id].add(article_id)
+    for chat_id, article_id in queries.article_ids(list(messaged)):
+        messaged[chat_id].add(article_id)
     outcomes: list[str] = []
     deliveries: list[WebhookDelivery] = []
     new_messages: list[Message] = []
     to_sync: dict[int, Chat] = {}
     touched: dict[int, Chat] = {}
     for change in changes:
-        key = (change.region.pk, change.delivery_id)
-        if change.delivery_id is not None and key in seen:
-            outcomes.append("duplicate")
-            continue
-        seen.add(key)
+        if change.delivery_id is not None:
+            if (change.region.pk, change.delivery_id) in seen:
+                outcomes.append("duplicate")
+                continue
+            seen.add((change.region.pk, change.delivery_id))
         chat = chats.get((change.region.pk, change.ticket["id"]))
         if chat is None:
             outcome = "unknown_ticket"
@@ -718,17 +708,12 @@ def _apply_ticket_changes(changes: list[_TicketChange], outbox: Outbox) -> list[
     # Message ids follow list order, so each chat's messages keep the order they came in.
     Message.objects.bulk_create(new_messages)
     work = [item for message in new_messages for item in _appended(message.chat, message, outbox)]
-    syncing = set(
-        Work.objects.filter(
-            chat__in=list(to_sync.values()), kind=Work.Kind.SYNC_TICKET, state=Work.State.QUEUED
-        ).values_list("chat_id", flat=True)
-    )
+    syncing = queries.chats_with_queued(list(to_sync), Work.Kind.SYNC_TICKET)
     work += [
         new_work(chat, Work.Kind.SYNC_TICKET) for chat in to_sync.values() if chat.pk not in syncing
     ]
     Work.objects.bulk_create(work)
-    for chat in touched.values():
-        save_chat(chat)
+    queries.save_chats(list(touched.values()), CHAT_STATE_FIELDS)
     # A delivery that another process recorded meanwhile has had its effect there: ignored.
     WebhookDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
     return outcomes

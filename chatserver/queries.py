@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from django.db import connection
 from django.db.models import Model
 
-from .models import Chat, Message, Region
+from .models import Chat, Message, Region, WebhookDelivery, Work
 
 M = TypeVar("M", bound=Model)
 Converter = Callable[[Any, Any, Any], Any]
@@ -97,3 +97,92 @@ def messages(chat: Chat, after: int | None = None) -> list[Message]:
     for message in found:
         message.chat = chat
     return found
+
+
+# --- the webhook's batch (chatserver.actions._apply_ticket_changes) -----------------------------
+
+
+def _placeholders(values: Sequence[Any]) -> str:
+    return ", ".join(["%s"] * len(values))
+
+
+def _rows(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
+    if not tokens:
+        return {}
+    sql = (
+        f"SELECT {_columns(Region, 'r')} FROM {_table(Region)} r "  # noqa: S608
+        f"WHERE r.webhook_token IN ({_placeholders(tokens)})"
+    )
+    regions = [_instance(Region, row) for row in _rows(sql, tokens)]
+    return {region.webhook_token: region for region in regions}
+
+
+def seen_deliveries(region_ids: Sequence[int], delivery_ids: Sequence[str]) -> set[tuple[int, str]]:
+    """(region id, delivery id) of the deliveries among these that were recorded before."""
+    if not region_ids or not delivery_ids:
+        return set()
+    sql = (
+        f"SELECT region_id, delivery_id FROM {_table(WebhookDelivery)} "  # noqa: S608
+        f"WHERE region_id IN ({_placeholders(region_ids)}) "
+        f"AND delivery_id IN ({_placeholders(delivery_ids)})"
+    )
+    return {(row[0], row[1]) for row in _rows(sql, [*region_ids, *delivery_ids])}
+
+
+def chats_of_tickets(region_ids: Sequence[int], ticket_ids: Sequence[int]) -> list[Chat]:
+    """The chats of these Zammad tickets, locked for update in id order (so that two batches
+    never wait on each other in a circle)."""
+    if not region_ids or not ticket_ids:
+        return []
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    sql = (
+        f"SELECT {_columns(Chat, 'c')} FROM {_table(Chat)} c "  # noqa: S608
+        f"WHERE c.region_id IN ({_placeholders(region_ids)}) "
+        f"AND c.zammad_ticket_id IN ({_placeholders(ticket_ids)}) ORDER BY c.id{lock}"
+    )
+    return [_instance(Chat, row) for row in _rows(sql, [*region_ids, *ticket_ids])]
+
+
+def article_ids(chat_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(chat id, Zammad article id) of these chats' messages that came from Zammad."""
+    if not chat_ids:
+        return []
+    sql = (
+        f"SELECT chat_id, zammad_article_id FROM {_table(Message)} "  # noqa: S608
+        f"WHERE chat_id IN ({_placeholders(chat_ids)}) AND zammad_article_id IS NOT NULL"
+    )
+    return [(row[0], row[1]) for row in _rows(sql, chat_ids)]
+
+
+def chats_with_queued(chat_ids: Sequence[int], kind: str) -> set[int]:
+    """The ids of these chats that have work of this kind queued."""
+    if not chat_ids:
+        return set()
+    sql = (
+        f"SELECT DISTINCT chat_id FROM {_table(Work)} "  # noqa: S608
+        f"WHERE chat_id IN ({_placeholders(chat_ids)}) AND kind = %s AND state = %s"
+    )
+    return {row[0] for row in _rows(sql, [*chat_ids, kind, Work.State.QUEUED])}
+
+
+def save_chats(chats: Sequence[Chat], fields: Sequence[str]) -> None:
+    """``chat.save(update_fields=fields)`` for many chats, in one round trip."""
+    if not chats:
+        return
+    model_fields = [field for field in Chat._meta.concrete_fields if field.name in fields]
+    quote = connection.ops.quote_name
+    assignments = ", ".join(f"{quote(str(field.column))} = %s" for field in model_fields)
+    sql = f"UPDATE {_table(Chat)} SET {assignments} WHERE id = %s"  # noqa: S608
+    rows = [
+        [field.get_db_prep_save(getattr(chat, field.attname), connection) for field in model_fields]
+        + [chat.pk]
+        for chat in chats
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)

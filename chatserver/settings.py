@@ -88,6 +88,9 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", "")
 DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 16)
+# Threads in which views and sockets reach the database (chatserver/db.py); each holds a pooled
+# connection while it works, so keep it below DB_POOL_MAX_SIZE.
+DB_THREADS = env_int("DB_THREADS", 8)
 if DATABASE_URL:
     # A connection pool per process (psycopg's, through Django 5.1+). Under ASGI every request
     # and every socket's database call runs in a thread of its own: connections kept per thread

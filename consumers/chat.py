@@ -15,6 +15,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -208,7 +209,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- out ----------------------------------------------------------------------------------
 
     async def _send(self, frame: Any) -> None:
-        await self.send(text_data=json.dumps(frame, ensure_ascii=False))
+        # The socket may have closed while this frame was being prepared (a slow database
+        # call): its disconnect is next in line, and the device catches up when it reconnects.
+        with contextlib.suppress(Disconnected):
+            await self.send(text_data=json.dumps(frame, ensure_ascii=False))
 
     async def _refuse(self, error: ChatError, client_id: str | None = None) -> None:
         """The one place where typed errors become error frames or close codes."""
