@@ -242,8 +242,7 @@ def _etag(chat: Chat, after: int | None) -> str:
     return f'"{chat.pk}.{chat.version}.{after or 0}"'
 
 
-@database_sync_to_async
-def read_conversation(
+async def read_conversation(
     region_slug: str,
     device_id: str,
     *,
@@ -254,12 +253,13 @@ def read_conversation(
     """The current chat's messages (only those with ``id > after``). Never calls Zammad.
 
     A poll is the hot path: the chat and its region come in one query, and a poll answered by
-    its ETag needs no other (both hand-written, ``queries``)."""
-    chat = queries.current_chat(validation.region_slug(region_slug), device_id)
+    its ETag needs no other (both hand-written, ``queries``, and read from the event loop)."""
+    chat = await queries.current_chat(validation.region_slug(region_slug), device_id)
     if chat is not None and not chat.region.is_configured:
         raise NotConfigured
     if chat is None or chat.is_expired:
-        configured_region(region_slug)  # NotFound or NotConfigured before "Chat not found."
+        # NotFound or NotConfigured before "Chat not found."
+        await database_sync_to_async(configured_region)(region_slug)
         chat = None
     if chat is None:
         if not allow_missing:
@@ -274,7 +274,8 @@ def read_conversation(
     etag = _etag(chat, after)
     if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Snapshot(None, etag, chat.last_message_id)
-    return Snapshot(conversation(chat, queries.messages(chat, after)), etag, chat.last_message_id)
+    messages = await queries.messages(chat, after)
+    return Snapshot(conversation(chat, messages), etag, chat.last_message_id)
 
 
 @database_sync_to_async

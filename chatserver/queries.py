@@ -1,9 +1,10 @@
-"""Hand-written SQL for the queries of a poll: the device's current chat, and its messages.
+"""Hand-written SQL for the hot paths: a poll's and a socket's reads, and the webhook's batch.
 
 Django compiles a queryset anew every time it runs: about 0.6 ms of CPU for the chat with its
 region, more than everything else in a poll (docs/performance.md). These are the same queries,
 written once; rows become model instances through the fields' own database converters, as
-the ORM's would (JSON, and SQLite's dates and booleans).
+the ORM's would (JSON, and SQLite's dates and booleans). The reads are async (``reads``: on
+PostgreSQL straight from the event loop); the webhook's run in its transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 from django.db import connection
 from django.db.models import Model
 
+from . import reads
 from .models import Chat, Message, Region, WebhookDelivery, Work
 
 M = TypeVar("M", bound=Model)
@@ -70,30 +72,26 @@ def _messages_sql() -> str:
     return f"SELECT {_columns(Message, 'm')} FROM {_table(Message)} m WHERE m.chat_id = %s"  # noqa: S608
 
 
-def current_chat(region_slug: str, device_id: str) -> Chat | None:
+async def current_chat(region_slug: str, device_id: str) -> Chat | None:
     """The device's current chat in the region, with the region: one query."""
-    with connection.cursor() as cursor:
-        cursor.execute(_current_chat_sql(), [region_slug, device_id])
-        row = cursor.fetchone()
-    if row is None:
+    found = await reads.rows(_current_chat_sql(), [region_slug, device_id])
+    if not found:
         return None
+    row = found[0]
     split = len(Chat._meta.concrete_fields)
     chat = _instance(Chat, row[:split])
     chat.region = _instance(Region, row[split:])
     return chat
 
 
-def messages(chat: Chat, after: int | None = None) -> list[Message]:
+async def messages(chat: Chat, after: int | None = None) -> list[Message]:
     """The chat's messages in id order, only those with ``id > after`` if given."""
     sql = _messages_sql()
     params: list[Any] = [chat.pk]
     if after:
         sql += " AND m.id > %s"
         params.append(after)
-    with connection.cursor() as cursor:
-        cursor.execute(sql + " ORDER BY m.id", params)
-        rows = cursor.fetchall()
-    found = [_instance(Message, row) for row in rows]
+    found = [_instance(Message, row) for row in await reads.rows(sql + " ORDER BY m.id", params)]
     for message in found:
         message.chat = chat
     return found

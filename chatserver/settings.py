@@ -91,6 +91,12 @@ DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 16)
 # Threads in which views and sockets reach the database (chatserver/db.py); each holds a pooled
 # connection while it works, so keep it below DB_POOL_MAX_SIZE.
 DB_THREADS = env_int("DB_THREADS", 8)
+# How long a request waits for a free connection: long enough for a burst to queue, short
+# enough that a database outage is answered 503 rather than hanging.
+DB_POOL_TIMEOUT_SECS = env_float("DB_POOL_TIMEOUT_SECS", 3)
+# Connections of the event loop's own pool for the reads of polls and sockets
+# (chatserver/reads.py), on top of DB_POOL_MAX_SIZE.
+DB_READ_CONNECTIONS = env_int("DB_READ_CONNECTIONS", 4)
 if DATABASE_URL:
     # A connection pool per process (psycopg's, through Django 5.1+). Under ASGI every request
     # and every socket's database call runs in a thread of its own: connections kept per thread
@@ -105,9 +111,7 @@ if DATABASE_URL:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
         "max_size": DB_POOL_MAX_SIZE,
-        # How long a request waits for a free connection: long enough for a burst to queue,
-        # short enough that a database outage is answered 503 rather than hanging.
-        "timeout": env_float("DB_POOL_TIMEOUT_SECS", 3),
+        "timeout": DB_POOL_TIMEOUT_SECS,
     }
 else:
     # The embedded default. IMMEDIATE transactions and a busy timeout keep a separate worker
