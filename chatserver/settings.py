@@ -86,6 +86,10 @@ TEMPLATES = [
     },
 ]
 
+# Python's garbage collector thresholds (gc.set_threshold) for the server process: young
+# collections after this many allocations, then every n-th of those older ones.
+GC_THRESHOLDS = tuple(int(part) for part in env_str("GC_THRESHOLDS", "50000,20,20").split(","))
+
 DATABASE_URL = env_str("DATABASE_URL", "")
 DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 16)
 # Threads in which views and sockets reach the database (chatserver/db.py); each holds a pooled
