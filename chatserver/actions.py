@@ -707,16 +707,16 @@ def _apply_ticket_changes(changes: list[_TicketChange], outbox: Outbox) -> list[
             )
         )
     # Message ids follow list order, so each chat's messages keep the order they came in.
-    Message.objects.bulk_create(new_messages)
+    queries.insert(new_messages)
     work = [item for message in new_messages for item in _appended(message.chat, message, outbox)]
     syncing = queries.chats_with_queued(list(to_sync), Work.Kind.SYNC_TICKET)
     work += [
         new_work(chat, Work.Kind.SYNC_TICKET) for chat in to_sync.values() if chat.pk not in syncing
     ]
-    Work.objects.bulk_create(work)
+    queries.insert(work)
     queries.save_chats(list(touched.values()), CHAT_STATE_FIELDS)
     # A delivery that another process recorded meanwhile has had its effect there: ignored.
-    WebhookDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+    queries.insert(deliveries, ignore_conflicts=True)
     return outcomes
 
 

@@ -184,3 +184,29 @@ def save_chats(chats: Sequence[Chat], fields: Sequence[str]) -> None:
     ]
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
+
+
+def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
+    """``bulk_create`` for the webhook's batch: one statement, the new ids set on the objects
+    (unless conflicts are ignored), without compiling a queryset."""
+    if not objects:
+        return
+    model = type(objects[0])
+    fields = [field for field in model._meta.concrete_fields if not field.primary_key]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(str(field.column)) for field in fields)
+    row = f"({_placeholders(fields)})"
+    sql = f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * len(objects))}"  # noqa: S608
+    params = [
+        field.get_db_prep_save(field.pre_save(obj, add=True), connection)
+        for obj in objects
+        for field in fields
+    ]
+    if ignore_conflicts:
+        with connection.cursor() as cursor:
+            cursor.execute(sql + " ON CONFLICT DO NOTHING", params)
+        return
+    # Ids come back in the order of the rows, as Django's bulk_create relies on too.
+    for obj, (pk,) in zip(objects, _rows(sql + " RETURNING id", params), strict=True):
+        obj.pk = pk
+        obj._state.adding = False

@@ -112,7 +112,10 @@ if DATABASE_URL:
     DATABASES = {
         "default": dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)
     }
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    # Parameters travel apart from the query (psycopg's server-side binding) instead of being
+    # quoted into it in Python, and queries run often are prepared once per connection.
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+    DATABASES["default"]["OPTIONS"]["pool"] = {
         "min_size": 2,
         "max_size": DB_POOL_MAX_SIZE,
         "timeout": DB_POOL_TIMEOUT_SECS,
