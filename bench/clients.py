@@ -44,10 +44,19 @@ class Socket:
     frames: list[tuple[float, str]] = field(default_factory=list)
     message_frames: int = 0
     reader: asyncio.Task[None] | None = None
+    # (prefix, future): the reader resolves the future with the arrival time of the next frame
+    # that starts with the prefix (see ``wait_frame``).
+    watch: tuple[str, asyncio.Future[float]] | None = None
 
     @property
     def ready(self) -> bool:
         return self.history_at is not None and self.closed is None
+
+    def expect(self, prefix: str) -> asyncio.Future[float]:
+        """A future of the arrival time of the next frame starting with ``prefix``."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.watch = (prefix, future)
+        return future
 
 
 def _failure(error: BaseException) -> str:
@@ -118,9 +127,14 @@ async def _read(socket: Socket) -> None:
         async for raw in socket.connection:
             if isinstance(raw, bytes):
                 raw = raw.decode("utf-8", "replace")
-            frames.append((clock(), raw))
+            now = clock()
+            frames.append((now, raw))
             if raw.startswith(MESSAGE_PREFIX):
                 socket.message_frames += 1
+            if socket.watch is not None and raw.startswith(socket.watch[0]):
+                if not socket.watch[1].done():
+                    socket.watch[1].set_result(now)
+                socket.watch = None
     except ConnectionClosed as error:
         code = error.rcvd.code if error.rcvd is not None else "no close frame"
         socket.closed = f"closed by the server ({code})"

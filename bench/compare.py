@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.report import Section
-from bench.scenarios import Result
+from bench.scenarios import PINGS_IN_FLIGHT, Result
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ def _rows(args: argparse.Namespace) -> list[Row]:
     burst = f"burst of {burst_devices * args.webhooks_per_device:,} to {burst_devices:,} devices"
     rate = f"{args.rate:g} pushes/s for {args.rate_secs:g} s, {args.sockets:,} sockets"
     sockets = f"{args.sockets:,} sockets"
+    connecting = (
+        f"{sockets} at once" if not args.connect_secs else f"{sockets} over {args.connect_secs:g} s"
+    )
     return [
         Row(
             f"server memory per idle socket ({sockets})",
@@ -50,7 +53,7 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             lambda a: a.sockets >= 10_000,
         ),
         Row(
-            f"failed connects ({sockets} at once)",
+            f"failed connects ({connecting})",
             "connect",
             "failed",
             "count",
@@ -59,8 +62,19 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             lambda a: a.sockets >= 10_000,
             ratio=False,
         ),
-        Row(f"time to all connected ({sockets})", "connect", "connect_secs", "s"),
+        Row(f"time to all connected ({connecting})", "connect", "connect_secs", "s"),
         Row("server CPU per connect", "connect", "cpu_ms_per_connect", "ms"),
+        Row(
+            f"idle {args.idle_secs:g} s: sockets closed or not answering a ping",
+            "idle",
+            "idle_lost",
+            "count",
+            "0 (10,000 sockets)",
+            lambda v: v == 0,
+            lambda a: a.sockets >= 10_000,
+            ratio=False,
+        ),
+        Row(f"idle: ping to pong p99 ({PINGS_IN_FLIGHT} in flight)", "idle", "ping_p99", "ms"),
         Row(
             f"{burst}: lost",
             "burst",
@@ -177,7 +191,7 @@ def _format(value: float, unit: str) -> str:
 def _cell(row: Row, value: float | None, own: float | None) -> str:
     if value is None:
         return "n/a"
-    shown = value * 1000 if row.key in ("p50", "p99") else value
+    shown = value * 1000 if row.key in ("p50", "p99", "ping_p99") else value
     text = _format(shown, row.unit)
     if row.ratio and own and value and own != value:
         text += f" (x{value / own:.2g})"

@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="burst: to the first this many devices (default: all --sockets)",
     )
     parser.add_argument(
+        "--connect-secs",
+        type=float,
+        default=0,
+        help="connect: spread the connects evenly over this long, s (default: all at once)",
+    )
+    parser.add_argument(
         "--reconnect-secs",
         type=float,
         default=10,
