@@ -107,6 +107,7 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             _burst_full,
         ),
         Row(f"{burst}: server CPU per push", "burst", "cpu_ms_per_push", "ms"),
+        Row(f"{rate}: achieved rate (answered)", "rate", "sent_per_s", "/s"),
         Row(
             f"{rate}: lost",
             "rate",
@@ -151,19 +152,23 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             "reconnect",
             "not_exact",
             "count",
-            "0 (5,000 sockets, within 10 s)",
+            "0 (5,000 sockets reconnecting within 10 s)",
             lambda v: v == 0,
-            lambda a: a.sockets >= 5000,
+            lambda a: a.sockets >= 5000 and a.reconnect_secs <= 10,
             ratio=False,
         ),
         Row(
-            f"reconnect of {sockets}: time until all reconnected",
+            f"reconnect of {sockets}: time until all reconnected "
+            f"(spread over {args.reconnect_secs:g} s)",
             "reconnect",
             "reconnect_secs",
             "s",
-            f"≤ 10 s (spread over {args.reconnect_secs:g} s)",
-            lambda v: v <= 10,
-            lambda a: a.sockets >= 5000,
+        ),
+        Row(
+            f"reconnect of {sockets}: reconnect p99 (start to chat.history)",
+            "reconnect",
+            "reconnect_p99",
+            "ms",
         ),
         Row("server CPU per reconnect", "reconnect", "cpu_ms_per_reconnect", "ms"),
     ]
@@ -191,7 +196,7 @@ def _format(value: float, unit: str) -> str:
 def _cell(row: Row, value: float | None, own: float | None) -> str:
     if value is None:
         return "n/a"
-    shown = value * 1000 if row.key in ("p50", "p99", "ping_p99") else value
+    shown = value * 1000 if row.key in ("p50", "p99", "ping_p99", "reconnect_p99") else value
     text = _format(shown, row.unit)
     if row.ratio and own and value and own != value:
         text += f" (x{value / own:.2g})"

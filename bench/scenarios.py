@@ -218,8 +218,13 @@ async def connect(ctx: Context) -> Result:
         per_socket = (rss_after - rss_before) / len(ready)
         result.add("server memory per socket", f"{per_socket:.0f} KiB")
         result.values["kib_per_socket"] = per_socket
-    else:
-        result.add("server memory per socket", f"n/a: only {len(ready)} of {count} connected")
+    elif ready:
+        per_socket = (rss_after - rss_before) / len(ready)
+        result.add(
+            "server memory per socket",
+            f"{per_socket:.0f} KiB, but only {len(ready)} of {count} connected (RSS delta / "
+            "connected; not in the comparison)",
+        )
     result.add("server open files after", ctx.open_fds())
     result.add(
         "kernel: accept-queue overflows / drops / SYN cookies",
@@ -378,6 +383,7 @@ async def pushes(
     if arrivals.misrouted:
         result.problems.append(f"{arrivals.misrouted} pushes reached the wrong device")
     result.values.update(
+        sent_per_s=len(sent) / max(all_answered - started, 1e-9),
         expected=len(accepted),
         delivered=len(arrivals.delivered),
         lost=lost,
@@ -726,6 +732,9 @@ async def reconnect(ctx: Context) -> Result:
         sockets=len(sockets),
         failed=sum(failures.values()),
         reconnect_secs=finished - started,
+        reconnect_p99=percentile(
+            [s.history_at - s.started_at for s in sockets if s.history_at is not None], 99
+        ),
         exact=exact,
         not_exact=reconnected - exact,
         cpu_ms_per_reconnect=1000 * cost.server_cpu_secs / max(1, len(sockets)),
