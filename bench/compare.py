@@ -1,5 +1,6 @@
-"""The comparison table of ``bench/run --reference``: one row per figure, one column per
-measured server, then issue 6's target and whether this server meets it.
+"""The summary table at the end of every report: one row per figure, one column per measured
+server (this server; with ``--reference`` the references too), then issue 6's target and
+whether this server meets it.
 
 A reference's cell also gives its ratio to this server's figure (reference / this server), so
 that figures from a noisy machine still compare: all columns ran in the same invocation, one
@@ -233,10 +234,11 @@ def table(args: argparse.Namespace, sections: Sequence[Section]) -> str:
             + " |"
         )
     unmeasured = [s.label for s in sections if s.error]
-    notes = [
-        "",
-        f"(xN): the reference's figure divided by {own.label}'s, measured in the same run.",
-    ]
+    notes = (
+        ["", f"(xN): the reference's figure divided by {own.label}'s, measured in the same run."]
+        if len(sections) > 1
+        else []
+    )
     if unmeasured:
         notes.append(f"Not measured: {', '.join(unmeasured)} (see its section).")
     return "\n".join(lines + notes)

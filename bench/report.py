@@ -68,7 +68,8 @@ def render(
         parts += ["", "Its failures (reported, not counted in the verdict):", ""]
         parts += [f"- {failure}" for failure in failures] or ["- none"]
     if comparison:
-        parts += ["", "## Comparison", "", comparison]
+        title = "Comparison" if references else "Summary and issue 6 targets"
+        parts += ["", f"## {title}", "", comparison]
     problems = [f"{result.name}: {problem}" for result in results for problem in result.problems]
     parts += ["", "## Verdict", ""]
     parts += [f"- FAIL {problem}" for problem in problems] or [

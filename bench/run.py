@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         server_log=_log_problems(servers),
         command=shlex.join(["bench/run", *(argv if argv is not None else sys.argv[1:])]),
         references=references,
-        comparison=compare.table(args, [own, *references]) if references else None,
+        comparison=compare.table(args, [own, *references]) if results else None,
     )
     print(text)
     if args.output:
