@@ -263,9 +263,10 @@ class Sent:
         return self.status == 200
 
 
-async def _post(
+async def post_one(
     session: aiohttp.ClientSession, url: str, sent: Sent, body: bytes | None = None
 ) -> None:
+    """POST one delivery (its own body, or ``body``) and record the answer in ``sent``."""
     try:
         async with session.post(
             url, data=sent.delivery.body if body is None else body, headers=sent.delivery.headers
@@ -280,7 +281,7 @@ async def _post(
         sent.error = type(error).__name__
 
 
-def _session(in_flight: int, timeout: float) -> aiohttp.ClientSession:
+def http_session(in_flight: int, timeout: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=in_flight),
         timeout=aiohttp.ClientTimeout(total=timeout),
@@ -352,10 +353,10 @@ async def post_webhooks(
     """POST every delivery (to ``url``, or to ``url(delivery)``) as fast as the server takes
     them, at most ``concurrency`` in flight (``send_all``)."""
     url_of = _url_of(url)
-    async with _session(concurrency, timeout) as session:
+    async with http_session(concurrency, timeout) as session:
         return await send_all(
             deliveries,
-            lambda sent: _post(session, url_of(sent.delivery), sent),
+            lambda sent: post_one(session, url_of(sent.delivery), sent),
             concurrency=concurrency,
         )
 
@@ -370,10 +371,10 @@ async def post_webhooks_paced(
 ) -> list[Sent]:
     """POST the deliveries on a fixed schedule (``send_paced``)."""
     url_of = _url_of(url)
-    async with _session(max_in_flight, timeout) as session:
+    async with http_session(max_in_flight, timeout) as session:
         return await send_paced(
             deliveries,
-            lambda sent: _post(session, url_of(sent.delivery), sent),
+            lambda sent: post_one(session, url_of(sent.delivery), sent),
             rate=rate,
             max_in_flight=max_in_flight,
         )

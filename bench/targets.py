@@ -26,9 +26,9 @@ from bench.clients import (
     Deliver,
     Fleet,
     Sent,
-    _post,
-    _session,
     chat_path,
+    http_session,
+    post_one,
     post_webhooks,
     post_webhooks_paced,
     send_all,
@@ -136,18 +136,18 @@ class StockPusher(_ReferencePusher):
     def _deliver(self, session: aiohttp.ClientSession) -> Deliver:
         async def deliver(sent: Sent) -> None:
             url = f"{self.base}/push/{stack.device_id(sent.delivery.device)}/"
-            await _post(session, url, sent, self.frame(sent))
+            await post_one(session, url, sent, self.frame(sent))
 
         return deliver
 
     async def send_all(self, items: Sequence[payloads.Delivery], *, concurrency: int) -> list[Sent]:
-        async with _session(concurrency, 30) as session:
+        async with http_session(concurrency, 30) as session:
             return await send_all(items, self._deliver(session), concurrency=concurrency)
 
     async def send_paced(
         self, items: Sequence[payloads.Delivery], *, rate: float, max_in_flight: int
     ) -> list[Sent]:
-        async with _session(max_in_flight, 30) as session:
+        async with http_session(max_in_flight, 30) as session:
             return await send_paced(
                 items,
                 self._deliver(session),
@@ -156,7 +156,7 @@ class StockPusher(_ReferencePusher):
             )
 
     async def warm_up(self) -> None:
-        async with _session(1, 30) as session:
+        async with http_session(1, 30) as session:
             sent = Sent(self.delivery(-1), time.perf_counter())
             await self._deliver(session)(sent)
         if not sent.ok:
