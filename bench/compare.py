@@ -22,7 +22,7 @@ class Row:
     label: str
     scenario: str
     key: str
-    unit: str  # "KiB", "ms", "s", "/s", "count"
+    unit: str  # "KiB", "ms", "s", "/s", "%", "count"
     target: str = ""
     meets: Callable[[float], bool] | None = None
     # The target holds for this size of load; a smaller run says so next to its verdict.
@@ -172,6 +172,25 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             "ms",
         ),
         Row("server CPU per reconnect", "reconnect", "cpu_ms_per_reconnect", "ms"),
+        Row("REST: cheapest Django view (/healthz)", "rest", "cheapest_per_s", "/s"),
+        Row(
+            "REST: GET of a 20-message chat / cheapest view",
+            "rest",
+            "get_ratio",
+            "%",
+            "≥ 60 %",
+            lambda v: v >= 0.6,
+            ratio=False,
+        ),
+        Row(
+            "REST: poll answered 304 / cheapest view",
+            "rest",
+            "poll_ratio",
+            "%",
+            "≥ 80 %",
+            lambda v: v >= 0.8,
+            ratio=False,
+        ),
     ]
 
 
@@ -183,6 +202,8 @@ def _value(results: Sequence[Result], scenario: str, key: str) -> float | None:
 
 
 def _format(value: float, unit: str) -> str:
+    if unit == "%":
+        return f"{value:.0%}"
     if unit == "count":
         return f"{value:,.0f}"
     if unit == "KiB":

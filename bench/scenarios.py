@@ -575,6 +575,9 @@ async def rest(ctx: Context) -> Result:
     if rates[0]:
         result.add("GET / cheapest view", f"{rates[1] / rates[0]:.0%} (target at least 60 %)")
         result.add("304 / cheapest view", f"{rates[2] / rates[0]:.0%} (target at least 80 %)")
+        result.values.update(
+            cheapest_per_s=rates[0], get_ratio=rates[1] / rates[0], poll_ratio=rates[2] / rates[0]
+        )
     return result
 
 
