@@ -30,6 +30,15 @@ HISTORY_PREFIX = '{"type": "chat.history"'
 
 
 @dataclass
+class Sink:
+    """Message frames received by all sockets of a fleet: counted, and an event set on each, so
+    that the generator waits for frames instead of polling thousands of sockets."""
+
+    count: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class Socket:
     """One device's socket. ``frames`` holds (perf_counter at arrival, raw text)."""
 
@@ -47,6 +56,7 @@ class Socket:
     # (prefix, future): the reader resolves the future with the arrival time of the next frame
     # that starts with the prefix (see ``wait_frame``).
     watch: tuple[str, asyncio.Future[float]] | None = None
+    sink: Sink | None = None
 
     @property
     def ready(self) -> bool:
@@ -131,6 +141,9 @@ async def _read(socket: Socket) -> None:
             frames.append((now, raw))
             if raw.startswith(MESSAGE_PREFIX):
                 socket.message_frames += 1
+                if socket.sink is not None:
+                    socket.sink.count += 1
+                    socket.sink.arrived.set()
             if socket.watch is not None and raw.startswith(socket.watch[0]):
                 if not socket.watch[1].done():
                     socket.watch[1].set_result(now)
@@ -162,6 +175,7 @@ class Fleet:
         self.path = path
         self.first_frame = first_frame
         self.sockets: dict[int, Socket] = {}
+        self.sink = Sink()
         self._closing = False
 
     def sibling(self) -> Fleet:
@@ -185,7 +199,8 @@ class Fleet:
         ``spread_secs``; with ``after``, each resumes after that message id."""
         after = after or {}
         sockets = [
-            Socket(index, self.url(index, device, after.get(index))) for index, device in devices
+            Socket(index, self.url(index, device, after.get(index)), sink=self.sink)
+            for index, device in devices
         ]
         for socket in sockets:
             self.sockets[socket.device] = socket
@@ -222,7 +237,9 @@ class Fleet:
         return [socket for socket in self.sockets.values() if socket.ready]
 
     def message_frames(self) -> int:
-        return sum(socket.message_frames for socket in self.sockets.values())
+        """Message frames received by this fleet's sockets so far, including sockets since
+        closed or dropped."""
+        return self.sink.count
 
     def closed_unexpectedly(self) -> Counter[str]:
         return Counter(

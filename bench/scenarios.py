@@ -28,7 +28,6 @@ from bench.clients import Fleet, Sent, Socket, parse_frame
 from bench.stack import REGION_SLUG, Server, device_id
 from bench.targets import Pusher, Target, WebhookPusher
 
-DRAIN_POLL_SECS = 0.02
 PINGS_IN_FLIGHT = 200
 # The last line of a traceback, e.g. "redis.exceptions.MaxConnectionsError: Too many connections",
 # or daphne's "Exception inside application: ...".
@@ -281,19 +280,21 @@ def match_frames(
 async def wait_for_frames(
     fleet: Fleet, target: int, *, quiet_secs: float, limit_secs: float
 ) -> None:
-    """Until ``target`` message frames have arrived, or none arrived for ``quiet_secs``."""
+    """Until ``target`` message frames have arrived, or none arrived for ``quiet_secs``, or
+    ``limit_secs`` have passed (waits on the fleet's arrival event, never polls)."""
+    sink = fleet.sink
     deadline = time.perf_counter() + limit_secs
-    last_count, last_change = fleet.message_frames(), time.perf_counter()
-    while time.perf_counter() < deadline:
-        count = fleet.message_frames()
-        now = time.perf_counter()
-        if count >= target:
+    last_change = time.perf_counter()
+    while sink.count < target:
+        wait = min(deadline, last_change + quiet_secs) - time.perf_counter()
+        if wait <= 0:
             return
-        if count != last_count:
-            last_count, last_change = count, now
-        elif now - last_change > quiet_secs:
-            return
-        await asyncio.sleep(DRAIN_POLL_SECS)
+        sink.arrived.clear()
+        try:
+            await asyncio.wait_for(sink.arrived.wait(), wait)
+        except TimeoutError:
+            continue  # the loop ends it: quiet too long, or past the deadline
+        last_change = time.perf_counter()
 
 
 async def pushes(
