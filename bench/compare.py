@@ -149,7 +149,8 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             ratio=False,
         ),
         Row(
-            f"reconnect of {sockets}: devices without exactly the missed messages",
+            f"reconnect of {sockets}: devices without exactly the missed messages "
+            "(failed reconnects included)",
             "reconnect",
             "not_exact",
             "count",

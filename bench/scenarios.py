@@ -740,7 +740,7 @@ async def reconnect(ctx: Context) -> Result:
             [s.history_at - s.started_at for s in sockets if s.history_at is not None], 99
         ),
         exact=exact,
-        not_exact=reconnected - exact,
+        not_exact=len(sockets) - exact,  # a failed reconnect got nothing it missed
         cpu_ms_per_reconnect=1000 * cost.server_cpu_secs / max(1, len(sockets)),
     )
     return result
