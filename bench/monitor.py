@@ -76,12 +76,12 @@ def cost(before: Usage, after: Usage) -> Cost:
 
 
 class Probe:
-    """Connections of the generator's own to Redis and PostgreSQL (as superuser, outside the
-    benchmark database's connection limit), opened before any load so that reading figures
-    never competes with the server for a connection."""
+    """The server processes' CPU (summed), and connections of the generator's own to Redis and
+    PostgreSQL (as superuser, outside the benchmark database's connection limit), opened before
+    any load so that reading figures never competes with the server for a connection."""
 
-    def __init__(self, server_pid: int, database: str) -> None:
-        self.server_pid = server_pid
+    def __init__(self, server_pids: list[int], database: str) -> None:
+        self.server_pids = server_pids
         self.database = database
         self.redis = aioredis.Redis.from_url(REDIS_URL)
         self._pg: psycopg.AsyncConnection[tuple[object, ...]] | None = None
@@ -105,7 +105,7 @@ class Probe:
         info = await self.redis.info("cpu")
         return Usage(
             wall=time.perf_counter(),
-            server=system.process_cpu_secs(self.server_pid),
+            server=sum(system.process_cpu_secs(pid) for pid in self.server_pids),
             generator=system.self_cpu_secs(),
             redis=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             postgres=system.postgres_cpu_secs(),
@@ -187,7 +187,7 @@ class Sampler:
             try:
                 peaks.db_connections = max(peaks.db_connections, await self.probe.pg_connections())
                 peaks.server_threads = max(
-                    peaks.server_threads, system.threads(self.probe.server_pid)
+                    peaks.server_threads, sum(system.threads(p) for p in self.probe.server_pids)
                 )
                 backlog = sum([int(await self.probe.redis.zcard(key)) for key in queues])
                 peaks.layer_backlog = max(peaks.layer_backlog, backlog)

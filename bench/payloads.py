@@ -108,6 +108,17 @@ class Zammad:
         return Delivery(device, article_id, raw, headers)
 
 
+def reference_frame(article_id: int, device: int, sent_at: float) -> bytes:
+    """What a reference server pushes: shaped like the chat server's ``chat.message`` frame,
+    with the article id, a content that names it (as the chat server's pushes do) and the
+    generator's clock when it was sent."""
+    frame = {
+        "type": "chat.message",
+        "message": {"id": article_id, "content": article_body(article_id, device), "sent": sent_at},
+    }
+    return json.dumps(frame).encode()
+
+
 def burst(zammad: Zammad, devices: int, per_device: int) -> list[Delivery]:
     """``per_device`` replies for each device, round by round (every device's first reply
     before any second one), as a counsellor team answering many chats would produce them."""

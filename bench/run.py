@@ -1,10 +1,14 @@
-"""Load test of one chat server process: ``.venv/bin/python bench/run.py [options]``.
+"""Load test of the chat server: ``.venv/bin/python bench/run.py [options]``.
 
 Creates a fresh PostgreSQL database (``chatbench``), provisions a region and one chat per
-device, starts one daphne process (``manage.py serve``) on the machine's Redis under a prefix
-of this run, runs the scenarios from this process (the load generator), prints a Markdown
-report and stops everything it started, also on Ctrl-C or an error. Exits 1 when a connect
-failed or a push was lost or duplicated, 2 when the run could not be set up.
+device, starts one daphne process (``manage.py serve``; ``--processes N``: N of them) on the
+machine's Redis under a prefix of this run, runs the scenarios from this process (the load
+generator), prints a Markdown report and stops everything it started, also on Ctrl-C or an
+error. With ``--reference`` it then runs the same scenarios against the reference servers
+(stock Channels with default and with raised capacity, bare websockets + Redis pub/sub), one
+after the other, and ends the report with one comparison table. Exits 1 when a connect of the
+chat server failed or a push to it was lost or duplicated (the references' failures are
+reported, not counted), 2 when the run could not be set up.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` and the server importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import monitor, report, stack, system
-from bench.clients import Fleet
+from bench import compare, monitor, report, stack, system, targets
 from bench.scenarios import SCENARIOS, Context, Result, server_log_problems, warm_up
 
 DEFAULT_SCENARIOS = ["connect", "burst"]
@@ -59,6 +62,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--sockets", type=int, default=1000, help="devices with an open socket")
     parser.add_argument("--webhooks-per-device", type=int, default=2, help="burst: replies each")
+    parser.add_argument(
+        "--burst-devices",
+        type=int,
+        default=0,
+        help="burst: to the first this many devices (default: all --sockets)",
+    )
+    parser.add_argument(
+        "--connect-secs",
+        type=float,
+        default=0,
+        help="connect: spread the connects evenly over this long, s (default: all at once)",
+    )
+    parser.add_argument(
+        "--reconnect-secs",
+        type=float,
+        default=10,
+        help="reconnect: spread the reconnects evenly over this long, s",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes (same Redis and database, ports of their own); sockets and "
+        "webhooks are spread over them",
+    )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="then run the same scenarios (except rest and reconnect) against the reference "
+        "servers: " + ", ".join(targets.REFERENCES.values()) + "; print a comparison table",
+    )
     parser.add_argument("--concurrency", type=int, default=64, help="burst: webhooks in flight")
     parser.add_argument("--rate", type=float, default=200, help="rate: webhooks per second")
     parser.add_argument("--rate-secs", type=float, default=30, help="rate: for this long, s")
@@ -83,7 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="burst: keep listening after the last frame, s",
     )
-    parser.add_argument("--time-limit", type=float, default=900, help="whole run, s")
+    parser.add_argument(
+        "--time-limit", type=float, default=900, help="scenarios of each server measured, s"
+    )
     parser.add_argument("--database", default="chatbench", help="dropped and created fresh")
     parser.add_argument(
         "--db-connection-limit",
@@ -91,7 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=80,
         help="connections the server may hold to it (the machine's PostgreSQL is shared)",
     )
-    parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port of the (first) server process, the next ones follow (default: free ones)",
+    )
     parser.add_argument(
         "--server-env",
         action="append",
@@ -140,6 +181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--sockets must be 1..50000")
     if not 1 <= args.concurrency <= 1000:
         parser.error("--concurrency must be 1..1000")
+    if not 1 <= args.processes <= 8:
+        parser.error("--processes must be 1..8")
+    if args.profile and args.processes > 1:
+        parser.error("--profile records one server process: use it with --processes 1")
     return args
 
 
@@ -152,39 +197,35 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 async def run_scenarios(
-    args: argparse.Namespace, server: stack.Server, keys: stack.Secrets, database: str, prefix: str
+    args: argparse.Namespace,
+    target: targets.Target,
+    database: str,
+    scenarios: list[str],
+    profile: Path | None = None,
 ) -> list[Result]:
-    probe = await monitor.Probe(server.pid, database).open()
-    fleet = Fleet(server.ws_url, stack.REGION_SLUG, stack.LANGUAGE)
-    ctx = Context(
-        args=args,
-        server=server,
-        fleet=fleet,
-        webhook_url=f"{server.url}/api/v3/webhook/zammad/?token={keys.webhook_token}",
-        signature_secret=keys.signature_secret,
-        database=database,
-        layer_prefix=prefix,
-        probe=probe,
-    )
+    probe = await monitor.Probe(target.pids, database).open()
+    ctx = Context(args=args, target=target, database=database, probe=probe)
+    fleet = target.fleet
     results: list[Result] = []
     try:
         await warm_up(ctx)
         results.append(await baseline(ctx))
-        for name in args.scenario:
-            progress(f"scenario {name}: {SCENARIOS[name].description}")
-            with profiled(args.profile, server.pid, name, gil=args.profile_gil):
+        for name in scenarios:
+            progress(f"{target.label}: scenario {name}: {SCENARIOS[name].description}")
+            with profiled(profile, target.pids[0], name, gil=args.profile_gil):
                 result = await SCENARIOS[name].run(ctx)
             results.append(result)
             for problem in result.problems:
                 progress(f"  problem: {problem}")
-        rss_open = system.rss_kib(server.pid)
+        rss_open = ctx.rss_kib()
         await fleet.close()
         await asyncio.sleep(1)
         if results:
+            peak = sum(system.peak_rss_kib(pid) for pid in target.pids)
             results[-1].notes.append(
                 f"server RSS {rss_open / 1024:.1f} MiB with the sockets open, "
-                f"{system.rss_kib(server.pid) / 1024:.1f} MiB 1 s after closing them all "
-                f"(peak {system.peak_rss_kib(server.pid) / 1024:.1f} MiB)"
+                f"{ctx.rss_kib() / 1024:.1f} MiB 1 s after closing them all "
+                f"(peak {peak / 1024:.1f} MiB)"
             )
     finally:
         await fleet.close()
@@ -237,10 +278,8 @@ async def baseline(ctx: Context) -> Result:
     await asyncio.sleep(BASELINE_SECS)
     cost = monitor.cost(before, await ctx.probe.usage())
     result.add(f"CPU over {BASELINE_SECS:g} s with the server idle", cost.summary())
-    result.add(
-        "server RSS idle (after warm-up)", f"{system.rss_kib(ctx.server.pid) / 1024:.1f} MiB"
-    )
-    result.add("server threads idle", system.threads(ctx.server.pid))
+    result.add("server RSS idle (after warm-up)", f"{ctx.rss_kib() / 1024:.1f} MiB")
+    result.add("server threads idle", sum(system.threads(pid) for pid in ctx.target.pids))
     return result
 
 
@@ -297,8 +336,14 @@ def settings_rows(
     server: stack.Server,
     prefix: str,
 ) -> list[tuple[str, object]]:
+    processes = (
+        "1 daphne process"
+        if args.processes == 1
+        else f"{args.processes} daphne processes (ports from {server.port}; device i's socket on "
+        "process i mod N; each webhook to a process picked per article, independent of that)"
+    )
     return [
-        ("server", "1 daphne process: manage.py serve (no worker, no bot)"),
+        ("server", f"{processes}: manage.py serve (no worker, no bot)"),
         ("channel layer", f"{settings['layer']} on redis://127.0.0.1:6379/0, prefix {prefix}"),
         ("CHANNEL_CAPACITY", settings["capacity"]),
         ("REDIS_MAX_CONNECTIONS", settings["redis_max_connections"]),
@@ -320,8 +365,9 @@ def settings_rows(
             " ".join([*(FIXES if args.fixes else ()), *args.server_env]) or "none",
         ),
         (
-            "sockets / webhooks per device / in flight",
-            f"{args.sockets} / {args.webhooks_per_device} / {args.concurrency}",
+            "sockets / burst devices / webhooks per device / in flight",
+            f"{args.sockets} / {min(args.burst_devices or args.sockets, args.sockets)} / "
+            f"{args.webhooks_per_device} / {args.concurrency}",
         ),
         ("timeouts: handshake / history", f"{args.open_timeout:g} s / {args.history_timeout:g} s"),
         (
@@ -366,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(
         item.split("=", 1) for item in (*(FIXES if args.fixes else ()), *args.server_env)
     )
-    server: stack.Server | None = None
+    servers: list[stack.Server] = []
     results: list[Result] = []
+    references: list[report.Section] = []
     rows: dict[str, list[tuple[str, object]]] = {}
     quiet = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else "not checked"
     try:
@@ -376,17 +423,29 @@ def main(argv: list[str] | None = None) -> int:
         env = stack.server_env(database, prefix, overrides)
         tree = stack.source_tree(args.rev, workdir)
         settings = stack.provision(env, tree, keys, args.sockets)
-        port = args.port or _free_port()
-        progress(f"starting the server on 127.0.0.1:{port} (log: {workdir / 'server.log'})")
-        server = stack.Server(env, tree, port, workdir / "server.log").start()
-        rows["machine"] = [*machine_rows(server), ("machine before the run", quiet)]
+        ports = _ports(args.port, args.processes)
+        for number, port in enumerate(ports):
+            log = workdir / ("server.log" if number == 0 else f"server-{number}.log")
+            progress(f"starting the server on 127.0.0.1:{port} (log: {log})")
+            servers.append(stack.Server(env, tree, port, log))
+            servers[-1].start()
+        rows["machine"] = [*machine_rows(servers[0]), ("machine before the run", quiet)]
         rows["versions"] = version_rows(database, args.rev)
-        rows["settings"] = settings_rows(args, settings, database, server, prefix)
+        rows["settings"] = settings_rows(args, settings, database, servers[0], prefix)
+        target = targets.chat_server_target(servers, keys, args.sockets, prefix)
         results = asyncio.run(
             asyncio.wait_for(
-                run_scenarios(args, server, keys, database.name, prefix), args.time_limit
+                run_scenarios(args, target, database.name, args.scenario, args.profile),
+                args.time_limit,
             )
         )
+        if args.reference:
+            # The chat server stops first: the references get the machine to themselves.
+            for server in servers:
+                server.stop()
+            references = [
+                run_reference(args, key, database.name, workdir) for key in targets.REFERENCES
+            ]
     except KeyboardInterrupt:
         progress("interrupted")
         return 130
@@ -395,28 +454,84 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception:
         progress(f"the run failed:\n{traceback.format_exc()}")
-        if server is not None:
-            progress(f"server log tail:\n{server.log_tail()}")
+        for server in servers:
+            progress(f"server log tail ({server.log_path.name}):\n{server.log_tail()}")
         return 2
     finally:
         progress("stopping the server, removing the layer's keys and the database")
-        if server is not None:
+        for server in servers:
             server.stop()
         stack.delete_layer_keys(prefix)
         if not args.keep_db:
             database.drop()
+    own = report.Section(targets.server_label(args.processes), [], results)
     text = report.render(
         machine=rows["machine"],
         versions=rows["versions"],
         settings=rows["settings"],
         results=results,
-        server_log=server_log_problems(workdir / "server.log"),
+        server_log=_log_problems(servers),
         command=shlex.join(["bench/run", *(argv if argv is not None else sys.argv[1:])]),
+        references=references,
+        comparison=compare.table(args, [own, *references]) if results else None,
     )
     print(text)
     if args.output:
         args.output.write_text(text)
     return 1 if any(result.problems for result in results) else 0
+
+
+def run_reference(
+    args: argparse.Namespace, key: str, database: str, workdir: Path
+) -> report.Section:
+    """Start one reference server, run the scenarios that apply to it, stop it and delete its
+    Redis keys. A reference that fails is reported, not fatal: the chat server's figures stand."""
+    label = targets.REFERENCES[key]
+    scenarios = [name for name in args.scenario if SCENARIOS[name].references]
+    target: targets.Target | None = None
+    try:
+        port = _ports(0, 1)[0]
+        progress(f"starting the reference {label} on 127.0.0.1:{port}")
+        target = targets.start_reference(key, port, workdir)
+        results = asyncio.run(
+            asyncio.wait_for(run_scenarios(args, target, database, scenarios), args.time_limit)
+        )
+        return report.Section(label, target.settings, results, _log_problems(target.servers))
+    except Exception as error:
+        reason = (
+            f"took longer than --time-limit {args.time_limit:g} s"
+            if isinstance(error, TimeoutError)
+            else f"failed: {type(error).__name__}: {error}"
+        )
+        progress(f"the reference {label} {reason}")
+        if target is not None:
+            for server in target.servers:
+                progress(f"its log tail:\n{server.log_tail()}")
+        return report.Section(label, [], [], error=reason)
+    finally:
+        if target is not None:
+            target.stop()
+            stack.delete_layer_keys(target.layer_prefix)
+
+
+def _log_problems(servers: list[stack.Server]) -> tuple[int, list[str]]:
+    count, lines = 0, []
+    for server in servers:
+        more, distinct = server_log_problems(server.log_path)
+        count += more
+        lines += distinct
+    return count, lines[:8]
+
+
+def _ports(first: int, count: int) -> list[int]:
+    if first:
+        return [first + number for number in range(count)]
+    ports: list[int] = []
+    while len(ports) < count:
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _free_port() -> int:

@@ -3,6 +3,10 @@
 They run in the order given, on one event loop, and share the device sockets (``ctx.fleet``):
 ``connect`` opens them, ``burst`` pushes to them (and opens them first if nothing did).
 A new scenario is a function decorated with ``@scenario("name", "what it measures")``.
+
+The same scenarios measure the reference servers (``bench/targets.py``): what differs per target
+is only how sockets connect (``ctx.fleet``) and how a push is made (``ctx.pusher``). Figures
+that the comparison table needs are also kept as numbers (``Result.values``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,37 +24,46 @@ from pathlib import Path
 import aiohttp
 
 from bench import monitor, payloads, system
-from bench.clients import (
-    Fleet,
-    Sent,
-    Socket,
-    parse_frame,
-    post_webhooks,
-    post_webhooks_paced,
-)
+from bench.clients import Fleet, Sent, Socket, parse_frame
 from bench.stack import REGION_SLUG, Server, device_id
+from bench.targets import Pusher, Target, WebhookPusher
 
-DRAIN_POLL_SECS = 0.02
+PINGS_IN_FLIGHT = 200
+# The last line of a traceback, e.g. "redis.exceptions.MaxConnectionsError: Too many connections",
+# or daphne's "Exception inside application: ...".
+EXCEPTION_LINE = re.compile(r"^(Exception inside application|[\w.]*(Error|Exception)): ")
 
 
 @dataclass
 class Context:
     args: argparse.Namespace
-    server: Server
-    fleet: Fleet
-    webhook_url: str
-    signature_secret: str
+    target: Target
     database: str
-    layer_prefix: str
     probe: monitor.Probe
-    _zammad: payloads.Zammad | None = None
 
     @property
-    def zammad(self) -> payloads.Zammad:
-        """The fake Zammad's records for every device (built on first use: ~1 s per 1,000)."""
-        if self._zammad is None:
-            self._zammad = payloads.Zammad(self.args.sockets, self.signature_secret)
-        return self._zammad
+    def fleet(self) -> Fleet:
+        return self.target.fleet
+
+    @property
+    def pusher(self) -> Pusher:
+        return self.target.pusher
+
+    @property
+    def server(self) -> Server:
+        """The first (usually the only) server process."""
+        return self.target.servers[0]
+
+    @property
+    def layer_prefix(self) -> str:
+        return self.target.layer_prefix
+
+    def rss_kib(self) -> int:
+        """RSS of all server processes together."""
+        return sum(system.rss_kib(pid) for pid in self.target.pids)
+
+    def open_fds(self) -> int:
+        return sum(system.open_fds(pid) for pid in self.target.pids)
 
     async def usage(self) -> monitor.Usage:
         return await self.probe.usage()
@@ -61,6 +75,7 @@ class Result:
     figures: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # any makes the run fail
     notes: list[str] = field(default_factory=list)
+    values: dict[str, float] = field(default_factory=dict)  # for the comparison table
 
     def add(self, label: str, value: object) -> None:
         self.figures.append((label, str(value)))
@@ -73,14 +88,17 @@ Scenario = Callable[[Context], Awaitable[Result]]
 class Entry:
     run: Scenario
     description: str
+    references: bool  # also measured on the reference servers
 
 
 SCENARIOS: dict[str, Entry] = {}
 
 
-def scenario(name: str, description: str) -> Callable[[Scenario], Scenario]:
+def scenario(
+    name: str, description: str, *, references: bool = True
+) -> Callable[[Scenario], Scenario]:
     def register(run: Scenario) -> Scenario:
-        SCENARIOS[name] = Entry(run, description)
+        SCENARIOS[name] = Entry(run, description, references)
         return run
 
     return register
@@ -119,36 +137,42 @@ def counted(counter: Counter[str]) -> str:
 
 
 async def open_devices(ctx: Context, count: int) -> list[Socket]:
+    """Open ``count`` device sockets: all at once, or spread evenly over --connect-secs."""
     return await ctx.fleet.open(
         ((index, device_id(index)) for index in range(count)),
         open_timeout=ctx.args.open_timeout,
         history_timeout=ctx.args.history_timeout,
+        spread_secs=ctx.args.connect_secs,
     )
 
 
 async def warm_up(ctx: Context) -> None:
-    """One socket and one webhook before anything is measured: the server has imported and
-    connected everything it needs lazily, so memory before the load is a fair baseline."""
-    fleet = Fleet(ctx.fleet.ws_base, ctx.fleet.region, ctx.fleet.language)
-    [socket] = await fleet.open(
-        [(-1, "bench-warmup")], open_timeout=ctx.args.open_timeout, history_timeout=10
+    """One socket per server process and one push before anything is measured: the servers
+    have imported and connected everything they need lazily, so memory before the load is a
+    fair baseline."""
+    fleet = ctx.fleet.sibling()
+    count = len(ctx.target.servers)
+    sockets = await fleet.open(
+        [(-1 - number, f"bench-warmup-{number}") for number in range(count)],
+        open_timeout=ctx.args.open_timeout,
+        history_timeout=10,
     )
-    if socket.failure:
-        raise RuntimeError(f"the warm-up socket failed: {socket.failure}")
+    for socket in sockets:
+        if socket.failure:
+            raise RuntimeError(f"the warm-up socket failed: {socket.failure}")
     await fleet.close()
-    [sent] = await post_webhooks(
-        ctx.webhook_url, [payloads.unknown_ticket(ctx.signature_secret)], concurrency=1
-    )
-    if not sent.ok:
-        raise RuntimeError(f"the warm-up webhook failed: {sent.status or sent.error}")
+    await ctx.pusher.warm_up()
 
 
-@scenario("connect", "N sockets connecting at once; failures, time, server memory per socket")
+@scenario(
+    "connect",
+    "N sockets connecting at once (or spread over --connect-secs); failures, time, server memory "
+    "per socket",
+)
 async def connect(ctx: Context) -> Result:
     result = Result("connect")
     count = ctx.args.sockets
-    pid = ctx.server.pid
-    rss_before = system.rss_kib(pid)
+    rss_before = ctx.rss_kib()
     tcp_before = system.tcp_counters()
     usage_before = await ctx.usage()
     async with monitor.Sampler(ctx.probe, ctx.layer_prefix) as peaks:
@@ -156,12 +180,17 @@ async def connect(ctx: Context) -> Result:
         sockets = await open_devices(ctx, count)
         finished = time.perf_counter()
         usage_after = await ctx.usage()
-    rss_after = system.rss_kib(pid)
+    rss_after = ctx.rss_kib()
     tcp = {name: value - tcp_before[name] for name, value in system.tcp_counters().items()}
 
     ready = [s for s in sockets if s.history_at is not None]
     failures = Counter(s.failure for s in sockets if s.failure is not None)
-    result.add("sockets opened at once", count)
+    result.add(
+        "sockets opened",
+        f"{count} at once"
+        if not ctx.args.connect_secs
+        else f"{count}, spread evenly over {ctx.args.connect_secs:g} s",
+    )
     result.add("failed connects", sum(failures.values()))
     if failures:
         result.add("failure reasons", counted(failures))
@@ -171,7 +200,7 @@ async def connect(ctx: Context) -> Result:
         ms(finished - started),
     )
     result.add(
-        "connect time per socket (start to chat.history)",
+        "connect time per socket (start to first frame: chat.history, or ready)",
         spread([s.history_at - s.started_at for s in ready if s.history_at is not None]),
     )
     result.add(
@@ -181,9 +210,21 @@ async def connect(ctx: Context) -> Result:
     result.add(
         "server RSS before / after", f"{rss_before / 1024:.1f} MiB / {rss_after / 1024:.1f} MiB"
     )
-    if ready:
-        result.add("server memory per socket", f"{(rss_after - rss_before) / len(ready):.0f} KiB")
-    result.add("server open files after", system.open_fds(pid))
+    result.values.update(sockets=count, failed=sum(failures.values()))
+    if not failures:
+        result.values["connect_secs"] = finished - started
+    if len(ready) >= 0.9 * count:
+        per_socket = (rss_after - rss_before) / len(ready)
+        result.add("server memory per socket", f"{per_socket:.0f} KiB")
+        result.values["kib_per_socket"] = per_socket
+    elif ready:
+        per_socket = (rss_after - rss_before) / len(ready)
+        result.add(
+            "server memory per socket",
+            f"{per_socket:.0f} KiB, but only {len(ready)} of {count} connected (RSS delta / "
+            "connected; not in the comparison)",
+        )
+    result.add("server open files after", ctx.open_fds())
     result.add(
         "kernel: accept-queue overflows / drops / SYN cookies",
         f"{tcp['ListenOverflows']} / {tcp['ListenDrops']} / {tcp['SyncookiesSent']}",
@@ -191,6 +232,7 @@ async def connect(ctx: Context) -> Result:
     cost = monitor.cost(usage_before, usage_after)
     result.add("CPU while connecting", cost.summary())
     result.add("server CPU per connect", f"{1000 * cost.server_cpu_secs / count:.1f} ms")
+    result.values["cpu_ms_per_connect"] = 1000 * cost.server_cpu_secs / count
     result.add(
         "peaks: server DB connections / server threads",
         f"{peaks.db_connections} / {peaks.server_threads}",
@@ -238,19 +280,21 @@ def match_frames(
 async def wait_for_frames(
     fleet: Fleet, target: int, *, quiet_secs: float, limit_secs: float
 ) -> None:
-    """Until ``target`` message frames have arrived, or none arrived for ``quiet_secs``."""
+    """Until ``target`` message frames have arrived, or none arrived for ``quiet_secs``, or
+    ``limit_secs`` have passed (waits on the fleet's arrival event, never polls)."""
+    sink = fleet.sink
     deadline = time.perf_counter() + limit_secs
-    last_count, last_change = fleet.message_frames(), time.perf_counter()
-    while time.perf_counter() < deadline:
-        count = fleet.message_frames()
-        now = time.perf_counter()
-        if count >= target:
+    last_change = time.perf_counter()
+    while sink.count < target:
+        wait = min(deadline, last_change + quiet_secs) - time.perf_counter()
+        if wait <= 0:
             return
-        if count != last_count:
-            last_count, last_change = count, now
-        elif now - last_change > quiet_secs:
-            return
-        await asyncio.sleep(DRAIN_POLL_SECS)
+        sink.arrived.clear()
+        try:
+            await asyncio.wait_for(sink.arrived.wait(), wait)
+        except TimeoutError:
+            continue  # the loop ends it: quiet too long, or past the deadline
+        last_change = time.perf_counter()
 
 
 async def pushes(
@@ -304,19 +348,26 @@ async def pushes(
     ]
     answer_times = [s.answered_at - s.sent_at for s in sent if s.answered_at is not None]
 
-    result.add("webhooks sent", f"{len(sent)} ({how})")
-    result.add("webhook HTTP errors", sum(errors.values()))
+    noun = ctx.pusher.noun
+    result.add(f"{noun}s sent", f"{len(sent)} ({how})")
+    result.add("  each", ctx.pusher.how)
+    if isinstance(ctx.pusher, WebhookPusher) and len(ctx.pusher.urls) > 1:
+        result.add(
+            "  taken by another process than the device's socket",
+            f"{ctx.pusher.cross_process(deliveries)} of {len(deliveries)}",
+        )
+    result.add(f"{noun} errors", sum(errors.values()))
     if errors:
         result.add("  error kinds", counted(errors))
-        result.problems.append(f"{sum(errors.values())} webhooks failed")
-    result.add("webhook outcomes", counted(outcomes))
+        result.problems.append(f"{sum(errors.values())} {noun}s failed")
+    result.add(f"{noun} outcomes", counted(outcomes))
     result.add(
-        "webhook rate",
+        f"{noun} rate",
         f"{len(sent) / (all_answered - started):.0f}/s "
         f"(all answered after {ms(all_answered - started)})",
     )
-    result.add("webhook answer time", spread(answer_times))
-    result.add("pushes expected (webhook taken, socket open)", len(accepted))
+    result.add(f"{noun} answer time", spread(answer_times))
+    result.add(f"pushes expected ({noun} taken, socket open)", len(accepted))
     result.add("delivered", len(arrivals.delivered))
     result.add("lost (taken by the server, never pushed)", lost)
     if missing != lost:
@@ -332,11 +383,30 @@ async def pushes(
         result.problems.append(f"{arrivals.duplicates} pushes duplicated")
     if arrivals.misrouted:
         result.problems.append(f"{arrivals.misrouted} pushes reached the wrong device")
+    result.values.update(
+        sent_per_s=len(sent) / max(all_answered - started, 1e-9),
+        expected=len(accepted),
+        delivered=len(arrivals.delivered),
+        lost=lost,
+        missing=missing,
+        duplicated=arrivals.duplicates,
+        webhook_errors=sum(errors.values()),
+        p50=percentile(latencies, 50),
+        p99=percentile(latencies, 99),
+    )
     if arrivals.delivered:
         last = max(arrivals.delivered.values())
         label = "time to all delivered" if not missing else "time to last delivered"
         result.add(label, ms(last - started))
-    result.add("push latency (webhook sent to frame received)", spread(latencies))
+        result.values["last_delivered_secs"] = last - started
+        if not missing:
+            result.values["all_delivered_secs"] = last - started
+        result.values["pushes_per_s"] = len(arrivals.delivered) / max(last - started, 1e-9)
+        result.add(
+            "pushes delivered per s (first sent to last received)",
+            f"{result.values['pushes_per_s']:.0f}/s",
+        )
+    result.add("push latency (sent to frame received)", spread(latencies))
     closed = ctx.fleet.closed_unexpectedly()
     if closed:
         result.add("sockets closed by the server so far", counted(closed))
@@ -344,15 +414,16 @@ async def pushes(
     cost = monitor.cost(usage_before, usage_after)
     result.add("CPU while posting and delivering", cost.summary())
     result.add(
-        "server CPU per webhook (with its push)",
+        "server CPU per push (with its webhook or HTTP request)",
         f"{1000 * cost.server_cpu_secs / max(1, len(sent)):.2f} ms",
     )
+    result.values["cpu_ms_per_push"] = 1000 * cost.server_cpu_secs / max(1, len(sent))
     per_webhook = ", ".join(
         f"{name} {commands[name] / len(sent):.1f}" for name in REDIS_COMMANDS if commands[name]
     )
     result.add(
-        "Redis commands per webhook (whole Redis)",
-        f"{sum(commands.values()) / max(1, len(sent)):.1f}: {per_webhook}",
+        "Redis commands per push (whole Redis)",
+        f"{sum(commands.values()) / max(1, len(sent)):.1f}: {per_webhook or 'none of the layer'}",
     )
     result.add("PostgreSQL sessions opened", sessions)
     result.add(
@@ -381,36 +452,43 @@ REDIS_COMMANDS = (
 
 @scenario(
     "burst",
-    "signed Zammad webhooks as fast as the server takes them, pushed to the open sockets",
+    "pushes (signed Zammad webhooks to this server) as fast as the server takes them, to the "
+    "first --burst-devices open sockets",
 )
 async def burst(ctx: Context) -> Result:
     args = ctx.args
     if not ctx.fleet.ready:
         await open_devices(ctx, args.sockets)
-    deliveries = payloads.burst(ctx.zammad, args.sockets, args.webhooks_per_device)
+    devices = min(args.burst_devices or args.sockets, args.sockets)
+    # Round by round: every device's first push before any second one, as a counsellor team
+    # answering many chats would produce them.
+    deliveries = [
+        ctx.pusher.delivery(device)
+        for _ in range(args.webhooks_per_device)
+        for device in range(devices)
+    ]
 
     async def send(items: list[payloads.Delivery]) -> list[Sent]:
-        return await post_webhooks(ctx.webhook_url, items, concurrency=args.concurrency)
+        return await ctx.pusher.send_all(items, concurrency=args.concurrency)
 
-    how = f"{args.webhooks_per_device} per device, {args.concurrency} in flight"
+    how = f"{devices} devices, {args.webhooks_per_device} each, {args.concurrency} in flight"
     return await pushes(ctx, Result("burst"), deliveries, send, how=how)
 
 
 @scenario(
     "rate",
-    "webhooks at a fixed rate (--rate per second for --rate-secs), pushed to the open sockets",
+    "pushes (signed Zammad webhooks to this server) at a fixed rate (--rate per second for "
+    "--rate-secs), to the open sockets",
 )
 async def rate(ctx: Context) -> Result:
     args = ctx.args
     if not ctx.fleet.ready:
         await open_devices(ctx, args.sockets)
     count = max(1, round(args.rate * args.rate_secs))
-    deliveries = [ctx.zammad.agent_reply(index % args.sockets) for index in range(count)]
+    deliveries = [ctx.pusher.delivery(index % args.sockets) for index in range(count)]
 
     async def send(items: list[payloads.Delivery]) -> list[Sent]:
-        return await post_webhooks_paced(
-            ctx.webhook_url, items, rate=args.rate, max_in_flight=args.concurrency
-        )
+        return await ctx.pusher.send_paced(items, rate=args.rate, max_in_flight=args.concurrency)
 
     result = Result("rate")
     how = f"{args.rate:g}/s for {args.rate_secs:g} s, at most {args.concurrency} in flight"
@@ -427,28 +505,35 @@ async def idle(ctx: Context) -> Result:
     if not ctx.fleet.ready:
         await open_devices(ctx, args.sockets)
     sockets = ctx.fleet.ready
-    pid = ctx.server.pid
-    rss_before = system.rss_kib(pid)
+    rss_before = ctx.rss_kib()
     usage_before = await ctx.usage()
     await asyncio.sleep(args.idle_secs)
     cost = monitor.cost(usage_before, await ctx.usage())
     still_open = [socket for socket in sockets if socket.ready]
     closed = Counter(socket.closed for socket in sockets if socket.closed is not None)
-    pongs = await asyncio.gather(*(ping(socket, args.history_timeout) for socket in still_open))
+    pongs = await ping_all(still_open, args.history_timeout, PINGS_IN_FLIGHT)
     answered = [secs for secs in pongs if secs is not None]
     result.add("sockets held idle", f"{len(sockets)} for {args.idle_secs:g} s")
     result.add("closed by the server while idle", sum(closed.values()))
     if closed:
         result.add("  close reasons", counted(closed))
         result.problems.append(f"{sum(closed.values())} idle sockets closed by the server")
-    result.add("answered a ping", f"{len(answered)} of {len(still_open)}")
+    result.add(
+        "answered a ping",
+        f"{len(answered)} of {len(still_open)} ({PINGS_IN_FLIGHT} pings in flight, "
+        f"{args.history_timeout:g} s each)",
+    )
     if len(answered) < len(still_open):
         result.problems.append(f"{len(still_open) - len(answered)} open sockets did not answer")
     result.add("ping to pong", spread(answered))
+    result.values.update(
+        idle_lost=sum(closed.values()) + len(still_open) - len(answered),
+        ping_p99=percentile(answered, 99),
+    )
     result.add("CPU while idle", cost.summary())
     result.add(
         "server RSS before / after idling",
-        f"{rss_before / 1024:.1f} MiB / {system.rss_kib(pid) / 1024:.1f} MiB",
+        f"{rss_before / 1024:.1f} MiB / {ctx.rss_kib() / 1024:.1f} MiB",
     )
     return result
 
@@ -457,6 +542,7 @@ async def idle(ctx: Context) -> Result:
     "rest",
     "REST polls as today's apps make them: GET of a 20-message chat and a poll answered 304 by "
     "its ETag, each against the cheapest Django view (/healthz) on the same server",
+    references=False,
 )
 async def rest(ctx: Context) -> Result:
     args = ctx.args
@@ -490,10 +576,174 @@ async def rest(ctx: Context) -> Result:
     if rates[0]:
         result.add("GET / cheapest view", f"{rates[1] / rates[0]:.0%} (target at least 60 %)")
         result.add("304 / cheapest view", f"{rates[2] / rates[0]:.0%} (target at least 80 %)")
+        result.values.update(
+            cheapest_per_s=rates[0], get_ratio=rates[1] / rates[0], poll_ratio=rates[2] / rates[0]
+        )
     return result
 
 
 REST_MESSAGES = 20
+
+
+# --- reconnect ----------------------------------------------------------------------------------
+
+
+def last_message_id(socket: Socket) -> int:
+    """The highest message id a socket has seen: ``last_id`` of its ``chat.history`` and the
+    ids of the messages in it and pushed since."""
+    last = 0
+    for _, raw in socket.frames:
+        frame = parse_frame(raw)
+        if frame is None:
+            continue
+        if frame.get("type") == "chat.history":
+            ids = [m.get("id", 0) for m in frame.get("messages", [])]
+            last = max([last, int(frame.get("last_id") or 0), *ids])
+        elif frame.get("type") == "chat.message":
+            last = max(last, int(frame.get("message", {}).get("id", 0)))
+    return last
+
+
+def received_articles(socket: Socket) -> Counter[int]:
+    """Articles in a socket's frames (in ``chat.history`` and pushed), counted; a message that
+    names no article counts under minus its message id."""
+    got: Counter[int] = Counter()
+    for _, raw in socket.frames:
+        frame = parse_frame(raw)
+        if frame is None:
+            continue
+        if frame.get("type") == "chat.history":
+            messages = list(frame.get("messages", []))
+        elif frame.get("type") == "chat.message":
+            messages = [frame.get("message", {})]
+        else:
+            continue
+        for message in messages:
+            article = payloads.article_of(str(message.get("content", "")))
+            got[article if article is not None else -int(message.get("id", 0))] += 1
+    return got
+
+
+@scenario(
+    "reconnect",
+    "the open sockets dropped (TCP aborted, no close handshake), one webhook per device while "
+    "they are away, then every device reconnects with ?after=<last id> spread over "
+    "--reconnect-secs: does each get exactly the messages it missed?",
+    references=False,
+)
+async def reconnect(ctx: Context) -> Result:
+    args = ctx.args
+    result = Result("reconnect")
+    if not ctx.fleet.ready:
+        await open_devices(ctx, args.sockets)
+    last = {socket.device: last_message_id(socket) for socket in ctx.fleet.ready}
+    devices = sorted(last)
+    dropped = ctx.fleet.drop()
+    result.add("sockets dropped (TCP aborted)", dropped)
+
+    # While they are away: one webhook per device through the webhook view, all answered.
+    deliveries = [ctx.pusher.delivery(device) for device in devices]
+    away_started = time.perf_counter()
+    sent = await ctx.pusher.send_all(deliveries, concurrency=args.concurrency)
+    away_secs = time.perf_counter() - away_started
+    errors = Counter(s.error or f"HTTP {s.status}" for s in sent if not s.ok)
+    missed: dict[int, set[int]] = {device: set() for device in devices}
+    for item in sent:
+        if item.ok and item.outcome == "message":
+            missed[item.delivery.device].add(item.delivery.article_id)
+    result.add(
+        "webhooks while away",
+        f"{len(sent)} (1 per device, {args.concurrency} in flight, all answered after "
+        f"{ms(away_secs)})",
+    )
+    result.add("webhook HTTP errors", sum(errors.values()))
+    if errors:
+        result.add("  error kinds", counted(errors))
+        result.problems.append(f"{sum(errors.values())} webhooks failed")
+
+    # Back: every device with ?after=<the last id it saw>, spread over --reconnect-secs.
+    usage_before = await ctx.usage()
+    rss_before = ctx.rss_kib()
+    async with monitor.Sampler(ctx.probe, ctx.layer_prefix) as peaks:
+        started = time.perf_counter()
+        sockets = await ctx.fleet.open(
+            ((device, device_id(device)) for device in devices),
+            open_timeout=args.open_timeout,
+            history_timeout=args.history_timeout,
+            after=last,
+            spread_secs=args.reconnect_secs,
+        )
+        finished = time.perf_counter()
+        usage_after = await ctx.usage()
+    # A short grace for live pushes and duplicates trailing the history.
+    await asyncio.sleep(args.duplicate_grace)
+
+    failures = Counter(s.failure for s in sockets if s.failure is not None)
+    exact = missing = duplicated = extra = 0
+    for socket in sockets:
+        if socket.failure is not None:
+            continue
+        got = received_articles(socket)
+        want = missed[socket.device]
+        lacking = want - got.keys()
+        doubled = any(count > 1 for count in got.values())
+        others = got.keys() - want
+        missing += bool(lacking)
+        duplicated += doubled
+        extra += bool(others)
+        exact += not lacking and not doubled and not others
+    reconnected = len(sockets) - sum(failures.values())
+    result.add(
+        "reconnects",
+        f"{len(sockets)} with ?after=<last id>, spread over {args.reconnect_secs:g} s",
+    )
+    result.add("failed reconnects", sum(failures.values()))
+    if failures:
+        result.add("  failure reasons", counted(failures))
+        result.problems.append(f"{sum(failures.values())} of {len(sockets)} reconnects failed")
+    result.add(
+        "time until all reconnected" if not failures else "time until the last attempt ended",
+        ms(finished - started),
+    )
+    result.add(
+        "reconnect time per socket (start to chat.history)",
+        spread([s.history_at - s.started_at for s in sockets if s.history_at is not None]),
+    )
+    result.add("devices with exactly the messages they missed", f"{exact} of {reconnected}")
+    result.add("devices missing a message", missing)
+    result.add("devices with a message twice", duplicated)
+    result.add("devices also sent messages from before the drop", extra)
+    if missing:
+        result.problems.append(f"{missing} devices did not get every message they missed")
+    if duplicated:
+        result.problems.append(f"{duplicated} devices got a message twice")
+    if extra:
+        result.problems.append(f"{extra} devices got messages from before their ?after")
+    cost = monitor.cost(usage_before, usage_after)
+    result.add("CPU while reconnecting", cost.summary())
+    result.add(
+        "server CPU per reconnect", f"{1000 * cost.server_cpu_secs / max(1, len(sockets)):.1f} ms"
+    )
+    result.add(
+        "server RSS before / after",
+        f"{rss_before / 1024:.1f} MiB / {ctx.rss_kib() / 1024:.1f} MiB",
+    )
+    result.add(
+        "peaks: server DB connections / server threads / layer queue",
+        f"{peaks.db_connections} / {peaks.server_threads} / {peaks.layer_backlog}",
+    )
+    result.values.update(
+        sockets=len(sockets),
+        failed=sum(failures.values()),
+        reconnect_secs=finished - started,
+        reconnect_p99=percentile(
+            [s.history_at - s.started_at for s in sockets if s.history_at is not None], 99
+        ),
+        exact=exact,
+        not_exact=len(sockets) - exact,  # a failed reconnect got nothing it missed
+        cpu_ms_per_reconnect=1000 * cost.server_cpu_secs / max(1, len(sockets)),
+    )
+    return result
 
 
 async def hammer(
@@ -524,19 +774,27 @@ async def hammer(
 async def ping(socket: Socket, timeout: float) -> float | None:
     """Send the protocol's ping frame and wait for its pong; seconds, None without one."""
     assert socket.connection is not None
-    seen = len(socket.frames)
+    pong = socket.expect('{"type": "pong"')
     started = time.perf_counter()
     try:
         await socket.connection.send('{"type": "ping"}')
+        return await asyncio.wait_for(pong, timeout) - started
     except Exception:
         return None
-    deadline = started + timeout
-    while time.perf_counter() < deadline:
-        for arrived_at, raw in socket.frames[seen:]:
-            if raw.startswith('{"type": "pong"'):
-                return arrived_at - started
-        await asyncio.sleep(DRAIN_POLL_SECS)
-    return None
+    finally:
+        socket.watch = None
+
+
+async def ping_all(sockets: list[Socket], timeout: float, in_flight: int) -> list[float | None]:
+    """Ping every socket, at most ``in_flight`` unanswered at a time (pinging 10,000 sockets at
+    once would measure a burst of 10,000 frames, not whether each socket is still there)."""
+    slots = asyncio.Semaphore(in_flight)
+
+    async def one(socket: Socket) -> float | None:
+        async with slots:
+            return await ping(socket, timeout)
+
+    return await asyncio.gather(*(one(socket) for socket in sockets))
 
 
 # --- helpers for the runner ---------------------------------------------------------------------
@@ -552,6 +810,7 @@ def server_log_problems(log_path: Path, limit: int = 8) -> tuple[int, list[str]]
         line
         for line in lines
         if any(level in line for level in (" WARNING ", " ERROR ", "Traceback"))
+        or EXCEPTION_LINE.match(line)
     ]
     distinct: list[str] = []
     seen: set[str] = set()

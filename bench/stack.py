@@ -118,7 +118,7 @@ def server_env(
 ) -> dict[str, str]:
     """The server's environment: the machine's Redis under a prefix of this run, rate limits
     off (all load comes from one address), quiet logs, no bot and no worker."""
-    env = dict(os.environ)
+    env = server_env_base()
     env.update(
         {
             "DJANGO_SETTINGS_MODULE": "chatserver.settings",
@@ -128,13 +128,23 @@ def server_env(
             "CHAT_RATE_LIMITS_ENABLED": "false",
             "LOG_LEVEL": "WARNING",
             "CHATBOT_URL": "",
-            "PYTHONUNBUFFERED": "1",
-            # The benchmark's own modules (bench.server_settings, bench.provision) for a server
-            # running from an exported commit; its own packages still come first.
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
     )
     env.update(overrides or {})
+    return env
+
+
+def server_env_base() -> dict[str, str]:
+    """The environment of any server process the benchmark starts."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            # The benchmark's own modules (bench.server_settings, bench.provision, the reference
+            # servers) for a server running from an exported commit; its own packages come first.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+    )
     return env
 
 
@@ -191,13 +201,31 @@ def provision(env: dict[str, str], tree: Path, keys: Secrets, devices: int) -> d
 
 
 class Server:
-    """One daphne process, started as deployments start it: ``manage.py serve``."""
+    """One server process: the chat server's daphne, started as deployments start it
+    (``manage.py serve``), or a reference server's command."""
 
-    def __init__(self, env: dict[str, str], tree: Path, port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        tree: Path,
+        port: int,
+        log_path: Path,
+        argv: list[str] | None = None,
+    ) -> None:
         self.env = env
         self.tree = tree
         self.port = port
         self.log_path = log_path
+        # Another command (the reference servers): it must answer GET /healthz with 200.
+        self.argv = argv or [
+            sys.executable,
+            "manage.py",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -216,15 +244,7 @@ class Server:
     def start(self) -> Server:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "manage.py",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
+                self.argv,
                 cwd=self.tree,
                 env=self.env,
                 stdout=log,
