@@ -183,7 +183,10 @@ def save_chats(chats: Sequence[Chat], fields: Sequence[str]) -> None:
         for chat in chats
     ]
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        if len(rows) == 1:
+            cursor.execute(sql, rows[0])  # executemany's pipeline costs more for one
+        else:
+            cursor.executemany(sql, rows)
 
 
 def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:

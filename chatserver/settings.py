@@ -195,6 +195,9 @@ WS_MAX_FRAME_BYTES = env_int("WS_MAX_FRAME_BYTES", 64 * 1024)
 # sockets reconnect at once).
 LISTEN_BACKLOG = env_int("LISTEN_BACKLOG", 1024)
 WS_PING_INTERVAL_SECS = env_float("WS_PING_INTERVAL_SECS", 20)
+# How long a WebSocket's opening handshake may take before daphne drops the connection (its
+# default, 5 s, turned a reconnect storm that queued for a few seconds into mass failures).
+WS_HANDSHAKE_TIMEOUT_SECS = env_float("WS_HANDSHAKE_TIMEOUT_SECS", 20)
 WS_ALLOWED_ORIGINS = env_list("WS_ALLOWED_ORIGINS", "")
 
 CHAT_RATE_LIMITS_ENABLED = env_bool("CHAT_RATE_LIMITS_ENABLED", True)

@@ -70,6 +70,7 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
         action_logger=None,
         ping_interval=settings.WS_PING_INTERVAL_SECS,
         ping_timeout=settings.WS_PING_INTERVAL_SECS * 2,
+        websocket_handshake_timeout=settings.WS_HANDSHAKE_TIMEOUT_SECS,
         websocket_max_message_size=settings.WS_MAX_FRAME_BYTES,
         verbosity=0,
     ).run()
