@@ -656,23 +656,20 @@ def _checked(delivery: Delivery, regions: dict[str, Region]) -> _TicketChange:
 
 
 def _apply_ticket_changes(changes: list[_TicketChange], outbox: Outbox) -> list[str]:
-    """Apply checked deliveries, in order, with a fixed number of queries for the batch: the
-    deliveries seen before, the chats (locked), the articles they have, then one write each for
-    messages, work, chats and deliveries."""
+    """Apply checked deliveries, in order, with a fixed number of round trips for the batch:
+    the deliveries seen before, the chats (locked) and the articles they have in one, then one
+    write each for messages, work, chats and deliveries."""
     if not changes:
         return []
-    region_ids = list({change.region.pk for change in changes})
-    seen = queries.seen_deliveries(
-        region_ids, list({change.delivery_id for change in changes if change.delivery_id})
+    state = queries.ticket_state(
+        list({change.region.pk for change in changes}),
+        list({change.delivery_id for change in changes if change.delivery_id}),
+        list({change.ticket["id"] for change in changes}),
     )
-    chats = {
-        (chat.region_id, chat.zammad_ticket_id): chat
-        for chat in queries.chats_of_tickets(
-            region_ids, list({change.ticket["id"] for change in changes})
-        )
-    }
-    messaged: dict[int, set[int]] = {chat.pk: set() for chat in chats.values()}
-    for chat_id, article_id in queries.article_ids(list(messaged)):
+    seen = state.seen
+    chats = {(chat.region_id, chat.zammad_ticket_id): chat for chat in state.chats}
+    messaged: dict[int, set[int]] = {chat.pk: set() for chat in state.chats}
+    for chat_id, article_id in state.article_ids:
         messaged[chat_id].add(article_id)
     outcomes: list[str] = []
     deliveries: list[WebhookDelivery] = []

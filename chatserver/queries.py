@@ -10,6 +10,7 @@ PostgreSQL straight from the event loop); the webhook's run in its transaction.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from . import reads
 from .models import Chat, Message, Region, WebhookDelivery, Work
 
 M = TypeVar("M", bound=Model)
+Row = tuple[Any, ...]
 Converter = Callable[[Any, Any, Any], Any]
 
 
@@ -104,7 +106,7 @@ def _placeholders(values: Sequence[Any]) -> str:
     return ", ".join(["%s"] * len(values))
 
 
-def _rows(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+def _rows(sql: str, params: Sequence[Any]) -> list[Row]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return list(cursor.fetchall())
@@ -121,41 +123,68 @@ def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
     return {region.webhook_token: region for region in regions}
 
 
-def seen_deliveries(region_ids: Sequence[int], delivery_ids: Sequence[str]) -> set[tuple[int, str]]:
-    """(region id, delivery id) of the deliveries among these that were recorded before."""
-    if not region_ids or not delivery_ids:
-        return set()
-    sql = (
-        f"SELECT region_id, delivery_id FROM {_table(WebhookDelivery)} "  # noqa: S608
-        f"WHERE region_id IN ({_placeholders(region_ids)}) "
-        f"AND delivery_id IN ({_placeholders(delivery_ids)})"
+@dataclass
+class TicketState:
+    """What a webhook batch needs to know before it writes."""
+
+    seen: set[tuple[int, str]]  # (region id, delivery id) recorded before
+    chats: list[Chat]  # the tickets' chats, locked, in id order
+    article_ids: list[tuple[int, int]]  # (chat id, Zammad article id) of their messages
+
+
+def ticket_state(
+    region_ids: Sequence[int], delivery_ids: Sequence[str], ticket_ids: Sequence[int]
+) -> TicketState:
+    """The deliveries seen before, the tickets' chats (locked for update in id order, so that
+    two batches never wait on each other in a circle) and the Zammad articles those chats have:
+    three queries in one round trip (on PostgreSQL)."""
+    regions, tickets = _placeholders(region_ids), _placeholders(ticket_ids)
+    lock = " FOR UPDATE OF c" if connection.features.has_select_for_update_of else ""
+    statements: list[tuple[str, list[Any]]] = [
+        (
+            f"SELECT {_columns(Chat, 'c')} FROM {_table(Chat)} c "  # noqa: S608
+            f"WHERE c.region_id IN ({regions}) AND c.zammad_ticket_id IN ({tickets}) "
+            f"ORDER BY c.id{lock}",
+            [*region_ids, *ticket_ids],
+        ),
+        (
+            f"SELECT m.chat_id, m.zammad_article_id FROM {_table(Message)} m "  # noqa: S608
+            f"JOIN {_table(Chat)} c ON c.id = m.chat_id "
+            f"WHERE c.region_id IN ({regions}) AND c.zammad_ticket_id IN ({tickets}) "
+            "AND m.zammad_article_id IS NOT NULL",
+            [*region_ids, *ticket_ids],
+        ),
+    ]
+    if delivery_ids:
+        statements.append(
+            (
+                f"SELECT region_id, delivery_id FROM {_table(WebhookDelivery)} "  # noqa: S608
+                f"WHERE region_id IN ({regions}) "
+                f"AND delivery_id IN ({_placeholders(delivery_ids)})",
+                [*region_ids, *delivery_ids],
+            )
+        )
+    results = _rows_pipelined(statements)
+    return TicketState(
+        seen={(row[0], row[1]) for row in results[2]} if delivery_ids else set(),
+        chats=[_instance(Chat, row) for row in results[0]],
+        article_ids=[(row[0], row[1]) for row in results[1]],
     )
-    return {(row[0], row[1]) for row in _rows(sql, [*region_ids, *delivery_ids])}
 
 
-def chats_of_tickets(region_ids: Sequence[int], ticket_ids: Sequence[int]) -> list[Chat]:
-    """The chats of these Zammad tickets, locked for update in id order (so that two batches
-    never wait on each other in a circle)."""
-    if not region_ids or not ticket_ids:
-        return []
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    sql = (
-        f"SELECT {_columns(Chat, 'c')} FROM {_table(Chat)} c "  # noqa: S608
-        f"WHERE c.region_id IN ({_placeholders(region_ids)}) "
-        f"AND c.zammad_ticket_id IN ({_placeholders(ticket_ids)}) ORDER BY c.id{lock}"
-    )
-    return [_instance(Chat, row) for row in _rows(sql, [*region_ids, *ticket_ids])]
-
-
-def article_ids(chat_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """(chat id, Zammad article id) of these chats' messages that came from Zammad."""
-    if not chat_ids:
-        return []
-    sql = (
-        f"SELECT chat_id, zammad_article_id FROM {_table(Message)} "  # noqa: S608
-        f"WHERE chat_id IN ({_placeholders(chat_ids)}) AND zammad_article_id IS NOT NULL"
-    )
-    return [(row[0], row[1]) for row in _rows(sql, chat_ids)]
+def _rows_pipelined(statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+    """Several queries' rows; on PostgreSQL sent together and answered in one round trip
+    (psycopg's pipeline mode)."""
+    if connection.vendor != "postgresql":
+        return [_rows(sql, params) for sql, params in statements]
+    connection.ensure_connection()
+    with connection.connection.pipeline():
+        cursors = []
+        for sql, params in statements:
+            cursor = connection.cursor()
+            cursor.execute(sql, params)
+            cursors.append(cursor)
+        return [list(cursor.fetchall()) for cursor in cursors]
 
 
 def chats_with_queued(chat_ids: Sequence[int], kind: str) -> set[int]:
