@@ -4,13 +4,14 @@ from django.urls import path, re_path
 from . import demo, health, views
 
 urlpatterns = [
+    # The routes polled most come first: Django tries the patterns in order.
+    path("api/v3/<str:region>/<str:language>/chat/<str:device_id>/", views.chat),
+    path("api/v3/webhook/zammad/", views.zammad_webhook),
     path("healthz", views.healthz),
     path("readyz", health.readyz),
     path("metrics", health.metrics_view),
-    path("api/v3/webhook/zammad/", views.zammad_webhook),
     path("api/v3/openapi.yaml", views.openapi),
     path("api/v3/<str:region>/<str:device_id>/is_chat_enabled/", views.is_chat_enabled),
-    path("api/v3/<str:region>/<str:language>/chat/<str:device_id>/", views.chat),
     path(
         "api/v3/<str:region>/<str:language>/chat/<str:device_id>/attachments/<str:token>/",
         views.attachment,

@@ -3,6 +3,7 @@ signatures), captured over HTTP and replayed into the server in every order and 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -10,12 +11,16 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.db import DatabaseError
 from django.test import AsyncClient
 
+from chatserver import actions
+from chatserver.asgi import application
 from chatserver.models import Message, Region, WebhookDelivery, Work
 
 from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, drain
-from .helpers import Capture, check_conversation
+from .helpers import Capture, check_conversation, check_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -227,3 +232,76 @@ async def test_deliveries_are_remembered_for_the_retention_window(
     remaining = [d.delivery_id async for d in WebhookDelivery.objects.all()]
     assert remaining == [recent.delivery_id]
     assert old.delivery_id not in remaining
+
+
+async def _agent_pushes(communicator: WebsocketCommunicator, count: int) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    while len(frames) < count:
+        frame = json.loads(await communicator.receive_from(timeout=10))
+        check_frame(frame)
+        if frame["type"] == "chat.message" and frame["message"]["role"] == "agent":
+            frames.append(frame["message"])
+    return frames
+
+
+async def test_concurrent_deliveries_are_written_in_batches_once_each_in_order(
+    live_region: Region, zammad: Any, capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zammad's retries and a burst at once: every reply stored once, pushed once, in order."""
+    batches: list[int] = []
+    apply = actions._webhooks._apply
+
+    async def counting(items: list[actions.Delivery]) -> Any:
+        batches.append(len(items))
+        return await apply(items)
+
+    monkeypatch.setattr(actions._webhooks, "_apply", counting)
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    communicator = WebsocketCommunicator(application, f"/ws/v3/augsburg/de/chat/{DEVICE}/")
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected
+    json.loads(await communicator.receive_from(timeout=10))  # chat.history
+    texts = [f"<p>reply {number}</p>" for number in range(12)]
+    for text in texts:
+        zammad.agent_reply(ticket_id, text)
+    deliveries = await capture.wait_async(len(texts))
+    # Each delivery twice (Zammad retries), all at once.
+    answers = await asyncio.gather(*(replay(client, d) for d in deliveries + deliveries))
+    assert [answer.status_code for answer in answers] == [200] * 2 * len(texts)
+    outcomes = sorted(json.loads(answer.content)["outcome"] for answer in answers)
+    assert outcomes.count("message") == len(texts)
+    assert set(outcomes) <= {"message", "duplicate", "known"}
+    assert len(batches) < 2 * len(texts), "the deliveries were not batched"
+    pushed = await _agent_pushes(communicator, len(texts))
+    assert sorted(message["content"] for message in pushed) == sorted(texts)
+    ids = [message["id"] for message in pushed]
+    assert ids == sorted(ids), "pushes out of order"
+    assert await agent_messages(client) == [message["content"] for message in pushed]
+    await communicator.disconnect()
+
+
+async def test_a_delivery_that_fails_in_a_batch_fails_alone(
+    live_region: Region, zammad: Any, capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    for text in ("fine", "poison", "also fine"):
+        zammad.agent_reply(ticket_id, f"<p>{text}</p>")
+    deliveries = await capture.wait_async(3)
+    ticket_change = actions._ticket_change
+
+    def failing(chat: Any, change: Any, messaged: set[int]) -> Any:
+        if "poison" in str(change.article.get("body")):
+            raise DatabaseError("value out of range")  # as a database would refuse a row
+        return ticket_change(chat, change, messaged)
+
+    monkeypatch.setattr(actions, "_ticket_change", failing)
+    answers = await asyncio.gather(*(replay(client, d) for d in deliveries))
+    assert [answer.status_code for answer in answers] == [200, 503, 200]
+    assert json.loads(answers[1].content)["error"]
+    assert sorted(await agent_messages(client)) == ["<p>also fine</p>", "<p>fine</p>"]
+    # Zammad retries the failed one; once the database takes it, it is stored.
+    monkeypatch.setattr(actions, "_ticket_change", ticket_change)
+    assert (await replay(client, deliveries[1])).status_code == 200
+    assert (await agent_messages(client)).count("<p>poison</p>") == 1
