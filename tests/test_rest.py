@@ -337,3 +337,21 @@ async def test_webhook_is_not_rate_limited(region: Region, rate_limits: Any) -> 
             "/api/v3/webhook/zammad/?token=wrong", b"{}", content_type="application/json"
         )
         assert answer.status_code == 404
+
+
+async def test_api_answers_carry_the_headers_of_the_full_middleware(
+    client: AsyncClient, region: Region
+) -> None:
+    """API requests skip the admin's middleware (chatserver.middleware.ApiMiddleware) but keep
+    the security headers and Content-Length that the full stack adds (the admin login page
+    shows what that stack sets)."""
+    await client.post(CHAT, {"message": "Hallo"})
+    full = await client.get("/admin/login/")
+    for path, status in ((CHAT, 200), ("/healthz", 200), ("/api/v3/nowhere/x", 404)):
+        answer = await client.get(path)
+        assert answer.status_code == status, path
+        for header in ("X-Content-Type-Options", "Referrer-Policy", "Cross-Origin-Opener-Policy"):
+            assert answer[header] == full[header], (path, header)
+        assert answer["X-Frame-Options"] == "DENY"
+        assert int(answer["Content-Length"]) == len(answer.content)
+        assert "Set-Cookie" not in answer, path  # no session, no CSRF cookie
