@@ -656,9 +656,9 @@ def _checked(delivery: Delivery, regions: dict[str, Region]) -> _TicketChange:
 
 
 def _apply_ticket_changes(changes: list[_TicketChange], outbox: Outbox) -> list[str]:
-    """Apply checked deliveries, in order, with a fixed number of round trips for the batch:
-    the deliveries seen before, the chats (locked) and the articles they have in one, then one
-    write each for messages, work, chats and deliveries."""
+    """Apply checked deliveries, in order, with a fixed number of statements for the batch
+    (but one update per chat): the deliveries seen before, the chats (locked) and the articles
+    they have, then one write each for messages, work, chats and deliveries."""
     if not changes:
         return []
     state = queries.ticket_state(
