@@ -9,15 +9,18 @@ after a Redis outage or restart sends one ``layer.reconnected`` event to every s
 so that each re-joins its group and catches up from the store.
 
 Receiving is simpler than channels-redis's own: one reader task per process pops the process's
-channel and hands each message to its consumer's queue, so a waiting consumer is a single
+channel and hands each message to its consumer's inbox, so a waiting consumer is a single
 ``queue.get()``: cheap in memory, and cancelled at once when its socket closes (channels-redis's
-lock hand-over kept a closed consumer alive until its blocking pop returned, up to 5 s).
+lock hand-over kept a closed consumer alive until its blocking pop returned, up to 5 s). A
+consumer may ``attach`` the queue it already reads its socket's events from (daphne's), so that
+it waits on one queue with one task instead of two of each (``consumers/chat.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
@@ -32,6 +35,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 logger = logging.getLogger(__name__)
 
 RECONNECTED = {"type": "layer.reconnected"}
+# In place of the pushes dropped for a consumer that fell ``capacity`` events behind.
+OVERFLOWED = {"type": "layer.overflowed"}
 WATCH_INTERVAL_SECS = 1.0
 MARKER_TTL_SECS = 300
 READER_RETRY_SECS = 0.5
@@ -41,8 +46,13 @@ READ_BATCH = 200
 class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # One queue per consumer channel of this process; a consumer's queue goes with it.
-        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        # The inbox of each consumer channel of this process; a consumer's inbox goes with it.
+        self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        # Channels whose consumer has an OVERFLOWED event still to handle.
+        self._overflowed: set[str] = set()
+        # Events one consumer may have waiting in this process (``capacity`` bounds each Redis
+        # queue).
+        self.inbox_capacity: int = self.capacity
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._healthy = asyncio.Event()
@@ -73,26 +83,37 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             message: dict[str, Any] = await super().receive(channel)
             return message
         self._start_tasks()
-        return await self._queue(channel).get()
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            inbox = self._inboxes[channel] = asyncio.Queue()
+        return await inbox.get()
 
-    def _queue(self, channel: str) -> asyncio.Queue[dict[str, Any]]:
-        queue = self._queues.get(channel)
-        if queue is None:
-            queue = self._queues[channel] = asyncio.Queue(maxsize=self.capacity)
-        return queue
+    def attach(self, channel: str, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        """Deliver the messages of ``channel`` to ``inbox``, a queue its consumer reads anyway."""
+        self._start_tasks()
+        self._inboxes[channel] = inbox
 
     def discard(self, channel: str) -> None:
-        """The consumer of ``channel`` has ended: drop its queue."""
-        self._queues.pop(channel, None)
+        """The consumer of ``channel`` has ended: forget its inbox."""
+        self._inboxes.pop(channel, None)
+        self._overflowed.discard(channel)
+
+    def overflow_handled(self, channel: str) -> None:
+        """The consumer of ``channel`` is catching up: a new overflow needs a new event."""
+        self._overflowed.discard(channel)
 
     def _deliver(self, channel: str, message: dict[str, Any]) -> None:
-        queue = self._queues.get(channel)
-        if queue is None:
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
             return  # its consumer has gone
-        if queue.full():
-            # A consumer this far behind catches up from the store (``prev_id``) anyway.
-            queue.get_nowait()
-        queue.put_nowait(message)
+        if inbox.qsize() >= self.inbox_capacity and message["type"] != RECONNECTED["type"]:
+            # A consumer this far behind catches up from the store instead, once for all the
+            # pushes dropped until it does: every pushed message is stored before it is pushed.
+            if channel in self._overflowed:
+                return
+            self._overflowed.add(channel)
+            message = dict(OVERFLOWED)
+        inbox.put_nowait(message)
 
     def _start_tasks(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,7 +121,8 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             if self._reader is not None and self._reader.get_loop() != loop:
                 # A new event loop (tests run one per test): asyncio queues belong to the loop
                 # that made them, so the old ones cannot be carried over.
-                self._queues = {}
+                self._inboxes = {}
+                self._overflowed = set()
             self._healthy = asyncio.Event()
             self._healthy.set()
             self._reader = loop.create_task(self._read())
@@ -136,6 +158,20 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
                 for channel in channels if isinstance(channels, list) else [channels]:
                     self._deliver(channel, message)
 
+    # --- groups ---------------------------------------------------------------------------------
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """As channels-redis's, in one round trip instead of two: every socket's connect waits
+        for it."""
+        assert self.require_valid_group_name(group), "Group name not valid"
+        assert self.require_valid_channel_name(channel), "Channel name not valid"
+        key = self._group_key(group)
+        connection = self.connection(self.consistent_hash(group))
+        async with connection.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {channel: time.time()})
+            pipe.expire(key, self.group_expiry)
+            await pipe.execute()
+
     # --- outages --------------------------------------------------------------------------------
 
     async def _watch_redis(self) -> None:
@@ -155,9 +191,9 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
                 seen_marker = True
                 if restarted or not self._healthy.is_set():
                     logger.warning(
-                        "channel layer: Redis is back; %s sockets catch up", len(self._queues)
+                        "channel layer: Redis is back; %s sockets catch up", len(self._inboxes)
                     )
-                    for channel in list(self._queues):
+                    for channel in list(self._inboxes):
                         self._deliver(channel, dict(RECONNECTED))
                     self._healthy.set()
             except (RedisError, OSError) as error:
@@ -180,4 +216,5 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         if mine:
             await asyncio.wait(mine, timeout=2)
         self._reader = self._watchdog = None
-        self._queues = {}
+        self._inboxes = {}
+        self._overflowed = set()

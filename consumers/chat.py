@@ -8,6 +8,7 @@ socket catch up from the store instead, so nothing is missed and nothing is sent
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -15,7 +16,10 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError
 
@@ -32,6 +36,7 @@ from chatserver.events import (
     TypingEvent,
     message_out,
 )
+from chatserver.layer import ChatChannelLayer
 from chatserver.models import device_key
 from chatserver.publish import chat_group
 
@@ -48,6 +53,44 @@ class ChatConsumer(AsyncWebsocketConsumer):
     last_id: int = 0
     ip: str = ""
     counted = False
+
+    # --- the consumer's loop ------------------------------------------------------------------
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' loop, on one queue with one task.
+
+        Channels waits on two tasks per socket, one for the socket's events and one for the
+        channel layer's, with an ``asyncio.wait`` around them: with the layer's own queue per
+        socket that was about a sixth of a socket's memory. daphne (and the test communicator)
+        hand the application a queue's ``get`` as ``receive``; the layer delivers this
+        consumer's messages to that same queue, so one ``await receive()`` waits for both."""
+        inbox = getattr(receive, "__self__", None)
+        layer = get_channel_layer(self.channel_layer_alias)
+        if not isinstance(inbox, asyncio.Queue) or not isinstance(layer, ChatChannelLayer):
+            await super().__call__(scope, receive, send)
+            return
+        self.scope = scope
+        self.channel_layer = layer
+        self.channel_name = await layer.new_channel()
+        self.base_send = send
+        layer.attach(self.channel_name, inbox)
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            layer.discard(self.channel_name)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch without its ``aclose_old_connections()`` before every handler: a
+        hop to the database thread for every frame and every push. The handlers reach the
+        database only through ``database_sync_to_async``, which closes stale connections
+        itself, in the thread that holds them."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -182,6 +225,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception:
             # Away again: the layer sends another reconnected event when it is back.
             logger.warning("re-joining the group failed", exc_info=True)
+        await self._catch_up()
+
+    async def layer_overflowed(self, event: dict[str, Any]) -> None:
+        """This socket fell so far behind that the layer dropped pushes for it."""
+        if hasattr(self.channel_layer, "overflow_handled"):
+            self.channel_layer.overflow_handled(self.channel_name)
         await self._catch_up()
 
     async def _catch_up(self) -> None:

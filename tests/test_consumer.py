@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
 from chatserver.asgi import application
+from chatserver.layer import ChatChannelLayer
 from chatserver.models import Message, Region
 
 from .conftest import amake_region, drain
@@ -150,6 +152,32 @@ async def test_resume_with_after(region: Region, sockets: list[Socket]) -> None:
     history = await socket.receive()
     assert [m["content"] for m in history["messages"]] == ["two", "three"]
     assert history["last_id"] == ids[-1]
+
+
+async def test_socket_too_far_behind_catches_up_from_the_store(
+    region: Region, sockets: list[Socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the layer's capacity a socket's pushes are dropped for one catch-up event."""
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    layer = get_channel_layer()
+    assert isinstance(layer, ChatChannelLayer)
+    catch_ups: list[str] = []
+    handled = layer.overflow_handled
+
+    def overflow_handled(channel: str) -> None:
+        catch_ups.append(channel)
+        handled(channel)
+
+    monkeypatch.setattr(layer, "inbox_capacity", 0)  # every push overflows
+    monkeypatch.setattr(layer, "overflow_handled", overflow_handled)
+    client = AsyncClient()
+    for text in ("one", "two", "three"):
+        await client.post(f"/api/v3/augsburg/de/chat/{DEVICE}/", {"message": text})
+    pushed = [(await socket.receive_type("chat.message"))["message"]["content"] for _ in range(3)]
+    assert pushed == ["one", "two", "three"]
+    assert catch_ups
+    assert await socket.nothing_pending()
 
 
 async def test_ping_pong_and_bad_frames_keep_socket_open(
