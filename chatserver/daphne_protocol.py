@@ -25,6 +25,7 @@ from typing import Any
 import daphne.server
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from django.conf import settings
+from twisted.web.http import HTTPChannel
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,20 @@ class ChatWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]
     application close with the RFC's "try again later" codes."""
 
     closed_waiter: Any = None  # a Twisted Deferred while a shutdown waits for this socket
+
+    def connectionMade(self) -> None:
+        # daphne hands over the connection of an HTTP request it parsed (an upgrade), but
+        # leaves Twisted's HTTP channel registered as the transport's producer, and with it that
+        # request, its headers and its body buffer, for as long as the socket lives. The socket
+        # has no use for it, or for the channel's pausing of reads.
+        if isinstance(getattr(self.transport, "producer", None), HTTPChannel):
+            self.transport.unregisterProducer()
+        super().connectionMade()
+
+    def onOpen(self) -> None:
+        # The raw handshake, kept by autobahn after it has been parsed and answered.
+        self.http_request_data = self.http_response_data = b""
+        super().onOpen()
 
     def serverClose(self, code: int | None = None) -> None:
         if code in PROTOCOL_CLOSE_CODES and self.state == self.STATE_OPEN:
