@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import random  # the beta roll is not security-relevant
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -208,10 +209,84 @@ def is_chat_enabled(region_slug: str, device_id: str) -> bool:
     return roll.enabled
 
 
+# --- sockets --------------------------------------------------------------------------------
+
+# How long a socket's connect trusts a region it has seen configured: a reconnect storm opens
+# thousands of sockets a second on a handful of regions.
+SOCKET_REGION_TTL_SECS = 10.0
+_socket_regions: dict[str, tuple[float, int]] = {}  # slug -> (valid until, region id)
+
+
+async def socket_region(region_slug: str) -> int:
+    """The id of a region a socket may open on (else NotFound or NotConfigured).
+
+    Only configured regions are remembered, for ``SOCKET_REGION_TTL_SECS``; the socket's
+    ``read_socket_conversation`` checks the region again, so a region switched off meanwhile
+    still refuses the socket, with the same close code."""
+    now = time.monotonic()
+    remembered = _socket_regions.get(region_slug)
+    if remembered is not None and remembered[0] > now:
+        return remembered[1]
+    region_id = await _configured_region_id(region_slug)
+    _socket_regions[region_slug] = (now + SOCKET_REGION_TTL_SECS, region_id)
+    return region_id
+
+
 @database_sync_to_async
-def socket_region(region_slug: str) -> int:
-    """The id of a region a socket may open on (else NotFound or NotConfigured)."""
+def _configured_region_id(region_slug: str) -> int:
     return configured_region(region_slug).pk
+
+
+@dataclass(frozen=True)
+class SocketSnapshot:
+    region_id: int  # the region the conversation was read from
+    conversation: Conversation
+    last_id: int
+
+
+async def read_socket_conversation(
+    region_slug: str, device_id: str, *, after: int | None = None
+) -> SocketSnapshot:
+    """A socket's history on connect: the current chat's messages with ``id > after``, or an
+    empty conversation; NotFound or NotConfigured as ``read_conversation``. One hop to the
+    database thread, and one query when nothing was missed (two otherwise)."""
+    try:
+        snapshot = await _read_socket_conversation(region_slug, device_id, after)
+    except (NotFound, NotConfigured):
+        _socket_regions.pop(region_slug, None)
+        raise
+    _socket_regions[region_slug] = (time.monotonic() + SOCKET_REGION_TTL_SECS, snapshot.region_id)
+    return snapshot
+
+
+@database_sync_to_async
+def _read_socket_conversation(
+    region_slug: str, device_id: str, after: int | None
+) -> SocketSnapshot:
+    chats = Chat.objects.select_related("region").filter(
+        region__slug=validation.region_slug(region_slug), device_id=device_id, is_current=True
+    )
+    # At most one current chat (a unique constraint): no ORDER BY to compile, as first() adds.
+    chat = next(iter(chats[:1]), None)
+    if chat is not None and not chat.region.is_configured:
+        raise NotConfigured
+    if chat is None or chat.is_expired:
+        region = configured_region(region_slug)
+        empty: Conversation = {
+            "messages": [],
+            "evaluation_consent": False,
+            "chatbot_typing": False,
+            "ticket_url": None,
+        }
+        return SocketSnapshot(region.pk, empty, 0)
+    messages: list[Message] = []
+    # Every stored message moves last_message_id on: a device that has seen it missed none.
+    if after is None or after < chat.last_message_id:
+        missed = chat.messages.all()
+        if after:
+            missed = missed.filter(id__gt=after)
+        messages = list(missed)
+    return SocketSnapshot(chat.region_id, conversation(chat, messages), chat.last_message_id)
 
 
 # --- reading --------------------------------------------------------------------------------

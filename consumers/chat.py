@@ -115,18 +115,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             for name, value in self.scope.get("headers", [])
         }
         self.ip = limits.client_ip(self.scope.get("client"), headers)
-        self.region_id = await actions.socket_region(self.region_slug)
+        region_id = await actions.socket_region(self.region_slug)
         await limits.connections.acquire(device_key(self.device_id), self.ip, self.channel_name)
         self.counted = True
         metrics.SOCKETS_OPEN.inc()
-        self.group = chat_group(self.region_id, self.device_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
         # Joined first, read second: a message committed in between arrives twice and the
         # second copy is dropped by ``last_id``; none can fall between the two.
-        snapshot = await actions.read_conversation(
-            self.region_slug, self.device_id, after=after, allow_missing=True
+        await self._join(region_id)
+        snapshot = await actions.read_socket_conversation(
+            self.region_slug, self.device_id, after=after
         )
-        assert snapshot.conversation is not None
+        if snapshot.region_id != region_id:
+            # The region was created again since socket_region remembered it.
+            await self._join(snapshot.region_id)
+            snapshot = await actions.read_socket_conversation(
+                self.region_slug, self.device_id, after=after
+            )
         conversation = snapshot.conversation
         self.last_id = max(snapshot.last_id, after or 0)
         frame: HistoryFrame = {
@@ -138,6 +142,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         }
         await self._send(frame)
         self.opened = True
+
+    async def _join(self, region_id: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        self.region_id = region_id
+        self.group = chat_group(region_id, self.device_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
 
     async def disconnect(self, code: int) -> None:
         if hasattr(self.channel_layer, "discard"):
