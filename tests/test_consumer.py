@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import AsyncClient
 
 from chatserver.asgi import application
+from chatserver.events import rest_message
 from chatserver.layer import ChatChannelLayer
 from chatserver.models import Message, Region
 
@@ -152,6 +154,22 @@ async def test_resume_with_after(region: Region, sockets: list[Socket]) -> None:
     history = await socket.receive()
     assert [m["content"] for m in history["messages"]] == ["two", "three"]
     assert history["last_id"] == ids[-1]
+
+
+async def test_history_is_what_rest_shows(region: Region, sockets: list[Socket]) -> None:
+    """The socket reads its history with its own queries: the same messages as REST's GET."""
+    client = AsyncClient()
+    path = f"/api/v3/augsburg/de/chat/{DEVICE}/"
+    photo = SimpleUploadedFile("photo.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png")
+    await client.post(path, {"message": "with a photo", "attachment": [photo]})
+    await client.post(path, {"message": "plain"})
+    shown = json.loads((await client.get(path)).content)["messages"]
+    history = await (await open_socket(sockets)).receive()
+    assert [rest_message(message) for message in history["messages"]] == shown
+    assert history["messages"][0]["attachments"][0]["name"] == "photo.png"
+    assert history["last_id"] == shown[-1]["id"]
+    resumed = await open_socket(sockets, f"{PATH}?after={shown[0]['id']}")
+    assert (await resumed.receive())["messages"] == history["messages"][1:]
 
 
 async def test_socket_too_far_behind_catches_up_from_the_store(
