@@ -8,6 +8,8 @@ they are durable background work (``background.py``), queued in the same transac
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -215,6 +217,11 @@ def is_chat_enabled(region_slug: str, device_id: str) -> bool:
 # thousands of sockets a second on a handful of regions.
 SOCKET_REGION_TTL_SECS = 10.0
 _socket_regions: dict[str, tuple[float, int]] = {}  # slug -> (valid until, region id)
+# Lookups in flight, shared by the sockets that connect meanwhile: when thousands reconnect at
+# once to a process that has not seen their region yet, each asking on its own queued every
+# history read behind thousands of region lookups on the one database thread (10,000 sockets:
+# none connected in time).
+_region_lookups: dict[str, asyncio.Task[int]] = {}
 
 
 async def socket_region(region_slug: str) -> int:
@@ -223,13 +230,29 @@ async def socket_region(region_slug: str) -> int:
     Only configured regions are remembered, for ``SOCKET_REGION_TTL_SECS``; the socket's
     ``read_socket_conversation`` checks the region again, so a region switched off meanwhile
     still refuses the socket, with the same close code."""
-    now = time.monotonic()
     remembered = _socket_regions.get(region_slug)
-    if remembered is not None and remembered[0] > now:
+    if remembered is not None and remembered[0] > time.monotonic():
         return remembered[1]
+    lookup = _region_lookups.get(region_slug)
+    if lookup is None or lookup.get_loop() is not asyncio.get_running_loop():
+        lookup = asyncio.ensure_future(_look_up_region(region_slug))
+        _region_lookups[region_slug] = lookup
+        lookup.add_done_callback(functools.partial(_region_looked_up, region_slug))
+    # Shielded: a socket that closes while it waits does not cancel the others' lookup.
+    return await asyncio.shield(lookup)
+
+
+async def _look_up_region(region_slug: str) -> int:
     region_id = await _configured_region_id(region_slug)
-    _socket_regions[region_slug] = (now + SOCKET_REGION_TTL_SECS, region_id)
+    _socket_regions[region_slug] = (time.monotonic() + SOCKET_REGION_TTL_SECS, region_id)
     return region_id
+
+
+def _region_looked_up(region_slug: str, lookup: asyncio.Task[int]) -> None:
+    if _region_lookups.get(region_slug) is lookup:
+        del _region_lookups[region_slug]
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved here, should every socket waiting for it have closed
 
 
 @database_sync_to_async

@@ -3,6 +3,7 @@ frame type, error code and close code, each captured frame checked against its s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import AsyncClient
 
+from chatserver import actions
 from chatserver.asgi import application
 from chatserver.events import rest_message
 from chatserver.layer import ChatChannelLayer
@@ -170,6 +172,26 @@ async def test_history_is_what_rest_shows(region: Region, sockets: list[Socket])
     assert history["last_id"] == shown[-1]["id"]
     resumed = await open_socket(sockets, f"{PATH}?after={shown[0]['id']}")
     assert (await resumed.receive())["messages"] == history["messages"][1:]
+
+
+async def test_sockets_connecting_at_once_look_their_region_up_once(
+    region: Region, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(actions, "_socket_regions", {})
+    looked_up = []
+    look_up = actions._configured_region_id
+
+    async def counted(slug: str) -> int:
+        looked_up.append(slug)
+        region_id: int = await look_up(slug)
+        return region_id
+
+    monkeypatch.setattr(actions, "_configured_region_id", counted)
+    ids = await asyncio.gather(*(actions.socket_region("augsburg") for _ in range(20)))
+    assert ids == [region.pk] * 20
+    assert looked_up == ["augsburg"]
+    await actions.socket_region("augsburg")  # remembered
+    assert looked_up == ["augsburg"]
 
 
 async def test_socket_too_far_behind_catches_up_from_the_store(
