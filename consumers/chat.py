@@ -16,6 +16,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from asgiref.typing import WebSocketDisconnectEvent
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -149,6 +150,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.region_id = region_id
         self.group = chat_group(region_id, self.device_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
+
+    async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
+        """Channels' own, without its hop to the database thread (see ``dispatch``): this
+        consumer joins no ``groups`` of channels' kind."""
+        await self.disconnect(message["code"])
+        raise StopConsumer
 
     async def disconnect(self, code: int) -> None:
         if hasattr(self.channel_layer, "discard"):
