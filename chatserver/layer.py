@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
@@ -43,6 +44,17 @@ READER_RETRY_SECS = 0.5
 READ_BATCH = 200
 
 
+GROUP_WRITE_BATCH = 500
+
+
+@dataclass
+class _GroupWrite:
+    key: str
+    channel: str
+    join: bool  # else leave
+    done: asyncio.Future[None]
+
+
 class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +69,9 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         self._watchdog: asyncio.Task[None] | None = None
         self._healthy = asyncio.Event()
         self._marker = f"{self.prefix}:alive:{self.client_prefix}"
+        # Group joins and leaves waiting for the next pipeline, and its sender, per shard.
+        self._group_writes: dict[int, list[_GroupWrite]] = {}
+        self._group_writers: dict[int, asyncio.Task[None]] = {}
 
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
         host = dict(self.hosts[index])
@@ -161,16 +176,55 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     # --- groups ---------------------------------------------------------------------------------
 
     async def group_add(self, group: str, channel: str) -> None:
-        """As channels-redis's, in one round trip instead of two: every socket's connect waits
-        for it."""
         assert self.require_valid_group_name(group), "Group name not valid"
         assert self.require_valid_channel_name(channel), "Channel name not valid"
-        key = self._group_key(group)
-        connection = self.connection(self.consistent_hash(group))
-        async with connection.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {channel: time.time()})
-            pipe.expire(key, self.group_expiry)
-            await pipe.execute()
+        await self._write_group(group, channel, join=True)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        assert self.require_valid_group_name(group), "Group name not valid"
+        assert self.require_valid_channel_name(channel), "Channel name not valid"
+        await self._write_group(group, channel, join=False)
+
+    async def _write_group(self, group: str, channel: str, *, join: bool) -> None:
+        """Joins and leaves go to Redis together, one pipeline at a time per shard.
+
+        channels-redis sends each on its own (a join as two round trips), and every command
+        waits for a pooled connection and makes a task for its write timeout: a reconnect
+        storm's thousands of leaves and joins cost more CPU than anything else of the layer.
+        The ones that arrive while a pipeline is out go in the next; a lone one waits no
+        longer than before."""
+        loop = asyncio.get_running_loop()
+        write = _GroupWrite(self._group_key(group), channel, join, loop.create_future())
+        index = self.consistent_hash(group)
+        writer = self._group_writers.get(index)
+        if writer is None or writer.done() or writer.get_loop() is not loop:
+            self._group_writes[index] = []
+            writer = self._group_writers[index] = loop.create_task(self._send_group_writes(index))
+        self._group_writes[index].append(write)
+        await write.done
+
+    async def _send_group_writes(self, index: int) -> None:
+        pending = self._group_writes[index]
+        while pending:
+            batch, pending[:] = pending[:GROUP_WRITE_BATCH], pending[GROUP_WRITE_BATCH:]
+            try:
+                async with self.connection(index).pipeline(transaction=False) as pipe:
+                    now = time.time()
+                    for write in batch:
+                        if write.join:
+                            pipe.zadd(write.key, {write.channel: now})
+                            pipe.expire(write.key, self.group_expiry)
+                        else:
+                            pipe.zrem(write.key, write.channel)
+                    await pipe.execute()
+            except Exception as error:  # Redis is away: each caller sees it, as before
+                for write in batch:
+                    if not write.done.done():
+                        write.done.set_exception(error)
+                continue
+            for write in batch:
+                if not write.done.done():  # its consumer may have been cancelled meanwhile
+                    write.done.set_result(None)
 
     # --- outages --------------------------------------------------------------------------------
 
@@ -205,10 +259,14 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     async def stop(self) -> None:
         """Stop this loop's reader and watchdog and close its connections (tests and shutdown:
         a pop blocked in Redis ends when its connection closes)."""
+        loop = asyncio.get_running_loop()
+        # Group writers end by themselves once their last joins and leaves are sent.
+        writers = [task for task in self._group_writers.values() if task.get_loop() == loop]
+        if writers:
+            await asyncio.wait(writers, timeout=2)
         tasks = [task for task in (self._reader, self._watchdog) if task is not None]
         for task in tasks:
             task.cancel()
-        loop = asyncio.get_running_loop()
         layer = self._layers.pop(loop, None)
         if layer is not None:
             await layer.flush()
@@ -216,5 +274,7 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         if mine:
             await asyncio.wait(mine, timeout=2)
         self._reader = self._watchdog = None
+        self._group_writers = {}
+        self._group_writes = {}
         self._inboxes = {}
         self._overflowed = set()
