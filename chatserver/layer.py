@@ -9,9 +9,11 @@ after a Redis outage or restart sends one ``layer.reconnected`` event to every s
 so that each re-joins its group and catches up from the store.
 
 Receiving is simpler than channels-redis's own: one reader task per process pops the process's
-channel and hands each message to its consumer's queue, so a waiting consumer is a single
+channel and hands each message to its consumer's inbox, so a waiting consumer is a single
 ``queue.get()``: cheap in memory, and cancelled at once when its socket closes (channels-redis's
-lock hand-over kept a closed consumer alive until its blocking pop returned, up to 5 s).
+lock hand-over kept a closed consumer alive until its blocking pop returned, up to 5 s). A
+consumer may ``attach`` the queue it already reads its socket's events from (daphne's), so that
+it waits on one queue with one task instead of two of each (``consumers/chat.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
@@ -55,21 +58,42 @@ for i = 1, count do
 end
 return over_capacity
 """
+# In place of the pushes dropped for a consumer that fell ``capacity`` events behind.
+OVERFLOWED = {"type": "layer.overflowed"}
 WATCH_INTERVAL_SECS = 1.0
 MARKER_TTL_SECS = 300
 READER_RETRY_SECS = 0.5
 READ_BATCH = 200
 
 
+GROUP_WRITE_BATCH = 500
+
+
+@dataclass
+class _GroupWrite:
+    key: str
+    channel: str
+    join: bool  # else leave
+    done: asyncio.Future[None]
+
+
 class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # One queue per consumer channel of this process; a consumer's queue goes with it.
-        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        # The inbox of each consumer channel of this process; a consumer's inbox goes with it.
+        self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        # Channels whose consumer has an OVERFLOWED event still to handle.
+        self._overflowed: set[str] = set()
+        # Events one consumer may have waiting in this process (``capacity`` bounds each Redis
+        # queue).
+        self.inbox_capacity: int = self.capacity
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._healthy = asyncio.Event()
         self._marker = f"{self.prefix}:alive:{self.client_prefix}"
+        # Group joins and leaves waiting for the next pipeline, and its sender, per shard.
+        self._group_writes: dict[int, list[_GroupWrite]] = {}
+        self._group_writers: dict[int, asyncio.Task[None]] = {}
 
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
         host = dict(self.hosts[index])
@@ -96,26 +120,37 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             message: dict[str, Any] = await super().receive(channel)
             return message
         self._start_tasks()
-        return await self._queue(channel).get()
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            inbox = self._inboxes[channel] = asyncio.Queue()
+        return await inbox.get()
 
-    def _queue(self, channel: str) -> asyncio.Queue[dict[str, Any]]:
-        queue = self._queues.get(channel)
-        if queue is None:
-            queue = self._queues[channel] = asyncio.Queue(maxsize=self.capacity)
-        return queue
+    def attach(self, channel: str, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        """Deliver the messages of ``channel`` to ``inbox``, a queue its consumer reads anyway."""
+        self._start_tasks()
+        self._inboxes[channel] = inbox
 
     def discard(self, channel: str) -> None:
-        """The consumer of ``channel`` has ended: drop its queue."""
-        self._queues.pop(channel, None)
+        """The consumer of ``channel`` has ended: forget its inbox."""
+        self._inboxes.pop(channel, None)
+        self._overflowed.discard(channel)
+
+    def overflow_handled(self, channel: str) -> None:
+        """The consumer of ``channel`` is catching up: a new overflow needs a new event."""
+        self._overflowed.discard(channel)
 
     def _deliver(self, channel: str, message: dict[str, Any]) -> None:
-        queue = self._queues.get(channel)
-        if queue is None:
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
             return  # its consumer has gone
-        if queue.full():
-            # A consumer this far behind catches up from the store (``prev_id``) anyway.
-            queue.get_nowait()
-        queue.put_nowait(message)
+        if inbox.qsize() >= self.inbox_capacity and message["type"] != RECONNECTED["type"]:
+            # A consumer this far behind catches up from the store instead, once for all the
+            # pushes dropped until it does: every pushed message is stored before it is pushed.
+            if channel in self._overflowed:
+                return
+            self._overflowed.add(channel)
+            message = dict(OVERFLOWED)
+        inbox.put_nowait(message)
 
     def _start_tasks(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,7 +158,8 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             if self._reader is not None and self._reader.get_loop() != loop:
                 # A new event loop (tests run one per test): asyncio queues belong to the loop
                 # that made them, so the old ones cannot be carried over.
-                self._queues = {}
+                self._inboxes = {}
+                self._overflowed = set()
             self._healthy = asyncio.Event()
             self._healthy.set()
             self._reader = loop.create_task(self._read())
@@ -200,6 +236,59 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
             if over:
                 logger.info("%s of %s messages over a channel's capacity", over, len(items))
 
+    # --- groups ---------------------------------------------------------------------------------
+
+    async def group_add(self, group: str, channel: str) -> None:
+        assert self.require_valid_group_name(group), "Group name not valid"
+        assert self.require_valid_channel_name(channel), "Channel name not valid"
+        await self._write_group(group, channel, join=True)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        assert self.require_valid_group_name(group), "Group name not valid"
+        assert self.require_valid_channel_name(channel), "Channel name not valid"
+        await self._write_group(group, channel, join=False)
+
+    async def _write_group(self, group: str, channel: str, *, join: bool) -> None:
+        """Joins and leaves go to Redis together, one pipeline at a time per shard.
+
+        channels-redis sends each on its own (a join as two round trips), and every command
+        waits for a pooled connection and makes a task for its write timeout: a reconnect
+        storm's thousands of leaves and joins cost more CPU than anything else of the layer.
+        The ones that arrive while a pipeline is out go in the next; a lone one waits no
+        longer than before."""
+        loop = asyncio.get_running_loop()
+        write = _GroupWrite(self._group_key(group), channel, join, loop.create_future())
+        index = self.consistent_hash(group)
+        writer = self._group_writers.get(index)
+        if writer is None or writer.done() or writer.get_loop() is not loop:
+            self._group_writes[index] = []
+            writer = self._group_writers[index] = loop.create_task(self._send_group_writes(index))
+        self._group_writes[index].append(write)
+        await write.done
+
+    async def _send_group_writes(self, index: int) -> None:
+        pending = self._group_writes[index]
+        while pending:
+            batch, pending[:] = pending[:GROUP_WRITE_BATCH], pending[GROUP_WRITE_BATCH:]
+            try:
+                async with self.connection(index).pipeline(transaction=False) as pipe:
+                    now = time.time()
+                    for write in batch:
+                        if write.join:
+                            pipe.zadd(write.key, {write.channel: now})
+                            pipe.expire(write.key, self.group_expiry)
+                        else:
+                            pipe.zrem(write.key, write.channel)
+                    await pipe.execute()
+            except Exception as error:  # Redis is away: each caller sees it, as before
+                for write in batch:
+                    if not write.done.done():
+                        write.done.set_exception(error)
+                continue
+            for write in batch:
+                if not write.done.done():  # its consumer may have been cancelled meanwhile
+                    write.done.set_result(None)
+
     # --- outages --------------------------------------------------------------------------------
 
     async def _watch_redis(self) -> None:
@@ -219,9 +308,9 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
                 seen_marker = True
                 if restarted or not self._healthy.is_set():
                     logger.warning(
-                        "channel layer: Redis is back; %s sockets catch up", len(self._queues)
+                        "channel layer: Redis is back; %s sockets catch up", len(self._inboxes)
                     )
-                    for channel in list(self._queues):
+                    for channel in list(self._inboxes):
                         self._deliver(channel, dict(RECONNECTED))
                     self._healthy.set()
             except (RedisError, OSError) as error:
@@ -233,10 +322,14 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
     async def stop(self) -> None:
         """Stop this loop's reader and watchdog and close its connections (tests and shutdown:
         a pop blocked in Redis ends when its connection closes)."""
+        loop = asyncio.get_running_loop()
+        # Group writers end by themselves once their last joins and leaves are sent.
+        writers = [task for task in self._group_writers.values() if task.get_loop() == loop]
+        if writers:
+            await asyncio.wait(writers, timeout=2)
         tasks = [task for task in (self._reader, self._watchdog) if task is not None]
         for task in tasks:
             task.cancel()
-        loop = asyncio.get_running_loop()
         layer = self._layers.pop(loop, None)
         if layer is not None:
             await layer.flush()
@@ -244,4 +337,7 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         if mine:
             await asyncio.wait(mine, timeout=2)
         self._reader = self._watchdog = None
-        self._queues = {}
+        self._group_writers = {}
+        self._group_writes = {}
+        self._inboxes = {}
+        self._overflowed = set()

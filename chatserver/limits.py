@@ -109,10 +109,12 @@ class ConnectionLimits:
         return [f"{prefix}:conn:device:{device}", f"{prefix}:conn:ip:{ip}"]
 
     async def acquire(self, device: str, ip: str, member: str) -> None:
-        if settings.CHAT_RATE_LIMITS_ENABLED:
-            limits = [settings.WS_MAX_CONNECTIONS_PER_DEVICE, settings.WS_MAX_CONNECTIONS_PER_IP]
-            if not await self._take(device, ip, member, limits):
-                raise RateLimited(settings.RATE_LIMIT_WINDOW_SECS, "Too many connections.")
+        if not settings.CHAT_RATE_LIMITS_ENABLED:
+            # Not counted at all: nothing to release or refresh in Redis for this socket.
+            return
+        limits = [settings.WS_MAX_CONNECTIONS_PER_DEVICE, settings.WS_MAX_CONNECTIONS_PER_IP]
+        if not await self._take(device, ip, member, limits):
+            raise RateLimited(settings.RATE_LIMIT_WINDOW_SECS, "Too many connections.")
         self.held[member] = (device, ip)
         self._ensure_refresher()
 

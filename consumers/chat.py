@@ -8,6 +8,7 @@ socket catch up from the store instead, so nothing is missed and nothing is sent
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -15,9 +16,12 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from asgiref.typing import WebSocketDisconnectEvent
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError
 
@@ -34,6 +38,7 @@ from chatserver.events import (
     TypingEvent,
     message_out,
 )
+from chatserver.layer import ChatChannelLayer
 from chatserver.models import device_key
 from chatserver.publish import chat_group
 
@@ -51,11 +56,39 @@ class ChatConsumer(AsyncWebsocketConsumer):
     ip: str = ""
     counted = False
 
+    # --- the consumer's loop ------------------------------------------------------------------
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' loop, on one queue with one task.
+
+        Channels waits on two tasks per socket, one for the socket's events and one for the
+        channel layer's, with an ``asyncio.wait`` around them: with the layer's own queue per
+        socket that was about a sixth of a socket's memory. daphne (and the test communicator)
+        hand the application a queue's ``get`` as ``receive``; the layer delivers this
+        consumer's messages to that same queue, so one ``await receive()`` waits for both."""
+        inbox = getattr(receive, "__self__", None)
+        layer = get_channel_layer(self.channel_layer_alias)
+        if not isinstance(inbox, asyncio.Queue) or not isinstance(layer, ChatChannelLayer):
+            await super().__call__(scope, receive, send)
+            return
+        self.scope = scope
+        self.channel_layer = layer
+        self.channel_name = await layer.new_channel()
+        self.base_send = send
+        layer.attach(self.channel_name, inbox)
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            layer.discard(self.channel_name)
+
     async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch, minus its thread hand-off per event to close old database
-        connections: this consumer reaches the database only through
-        ``database_sync_to_async``, which does that on each call. The hand-off cost more than
-        a push itself (docs/performance.md)."""
+        """Channels' dispatch without its ``aclose_old_connections()`` before every handler: a
+        hop to the database thread for every frame and every push. The handlers reach the
+        database only through ``database_sync_to_async``, which closes stale connections
+        itself, in the thread that holds them."""
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
@@ -84,18 +117,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             for name, value in self.scope.get("headers", [])
         }
         self.ip = limits.client_ip(self.scope.get("client"), headers)
-        self.region_id = await actions.socket_region(self.region_slug)
+        region_id = await actions.socket_region(self.region_slug)
         await limits.connections.acquire(device_key(self.device_id), self.ip, self.channel_name)
         self.counted = True
         metrics.SOCKETS_OPEN.inc()
-        self.group = chat_group(self.region_id, self.device_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
         # Joined first, read second: a message committed in between arrives twice and the
         # second copy is dropped by ``last_id``; none can fall between the two.
-        snapshot = await actions.read_conversation(
-            self.region_slug, self.device_id, after=after, allow_missing=True
+        await self._join(region_id)
+        snapshot = await actions.read_socket_conversation(
+            self.region_slug, self.device_id, after=after
         )
-        assert snapshot.conversation is not None
+        if snapshot.region_id != region_id:
+            # The region was created again since socket_region remembered it.
+            await self._join(snapshot.region_id)
+            snapshot = await actions.read_socket_conversation(
+                self.region_slug, self.device_id, after=after
+            )
         conversation = snapshot.conversation
         self.last_id = max(snapshot.last_id, after or 0)
         frame: HistoryFrame = {
@@ -107,6 +144,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
         }
         await self._send(frame)
         self.opened = True
+
+    async def _join(self, region_id: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        self.region_id = region_id
+        self.group = chat_group(region_id, self.device_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+
+    async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
+        """Channels' own, without its hop to the database thread (see ``dispatch``): this
+        consumer joins no ``groups`` of channels' kind."""
+        await self.disconnect(message["code"])
+        raise StopConsumer
 
     async def disconnect(self, code: int) -> None:
         if hasattr(self.channel_layer, "discard"):
@@ -194,6 +244,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception:
             # Away again: the layer sends another reconnected event when it is back.
             logger.warning("re-joining the group failed", exc_info=True)
+        await self._catch_up()
+
+    async def layer_overflowed(self, event: dict[str, Any]) -> None:
+        """This socket fell so far behind that the layer dropped pushes for it."""
+        if hasattr(self.channel_layer, "overflow_handled"):
+            self.channel_layer.overflow_handled(self.channel_name)
         await self._catch_up()
 
     async def _catch_up(self) -> None:

@@ -4,6 +4,7 @@ every native app out.)"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from channels.security.websocket import WebsocketDenier
@@ -11,6 +12,8 @@ from django.conf import settings
 
 
 class OriginValidator:
+    _asgi_single_callable = True  # an ASGI 3 application, though __call__ is no coroutine
+
     def __init__(self, application: Any, allowed: list[str] | None = None) -> None:
         self.application = application
         self.allowed = allowed
@@ -21,7 +24,9 @@ class OriginValidator:
         allowed = self.allowed if self.allowed is not None else settings.WS_ALLOWED_ORIGINS
         return "*" in allowed or origin.rstrip("/") in {item.rstrip("/") for item in allowed}
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[Any]:
+        # Not a coroutine itself: it hands back the application's, which the server awaits, so
+        # an open socket does not keep a frame of this function alive for its whole life.
         origin = None
         for name, value in scope.get("headers", []):
             if name == b"origin":
@@ -29,5 +34,6 @@ class OriginValidator:
                 break
         if scope["type"] == "websocket" and not self.is_allowed(origin):
             denier = WebsocketDenier()
-            return await denier(scope, receive, send)  # type: ignore[arg-type]
-        return await self.application(scope, receive, send)
+            return denier(scope, receive, send)  # type: ignore[arg-type]
+        result: Awaitable[Any] = self.application(scope, receive, send)
+        return result

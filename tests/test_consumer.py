@@ -3,16 +3,22 @@ frame type, error code and close code, each captured frame checked against its s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import AsyncClient
 
+from chatserver import actions
 from chatserver.asgi import application
+from chatserver.events import rest_message
+from chatserver.layer import ChatChannelLayer
 from chatserver.models import Message, Region
 
 from .conftest import amake_region, drain
@@ -150,6 +156,68 @@ async def test_resume_with_after(region: Region, sockets: list[Socket]) -> None:
     history = await socket.receive()
     assert [m["content"] for m in history["messages"]] == ["two", "three"]
     assert history["last_id"] == ids[-1]
+
+
+async def test_history_is_what_rest_shows(region: Region, sockets: list[Socket]) -> None:
+    """The socket reads its history with its own queries: the same messages as REST's GET."""
+    client = AsyncClient()
+    path = f"/api/v3/augsburg/de/chat/{DEVICE}/"
+    photo = SimpleUploadedFile("photo.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png")
+    await client.post(path, {"message": "with a photo", "attachment": [photo]})
+    await client.post(path, {"message": "plain"})
+    shown = json.loads((await client.get(path)).content)["messages"]
+    history = await (await open_socket(sockets)).receive()
+    assert [rest_message(message) for message in history["messages"]] == shown
+    assert history["messages"][0]["attachments"][0]["name"] == "photo.png"
+    assert history["last_id"] == shown[-1]["id"]
+    resumed = await open_socket(sockets, f"{PATH}?after={shown[0]['id']}")
+    assert (await resumed.receive())["messages"] == history["messages"][1:]
+
+
+async def test_sockets_connecting_at_once_look_their_region_up_once(
+    region: Region, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(actions, "_socket_regions", {})
+    looked_up = []
+    look_up = actions._configured_region_id
+
+    async def counted(slug: str) -> int:
+        looked_up.append(slug)
+        region_id: int = await look_up(slug)
+        return region_id
+
+    monkeypatch.setattr(actions, "_configured_region_id", counted)
+    ids = await asyncio.gather(*(actions.socket_region("augsburg") for _ in range(20)))
+    assert ids == [region.pk] * 20
+    assert looked_up == ["augsburg"]
+    await actions.socket_region("augsburg")  # remembered
+    assert looked_up == ["augsburg"]
+
+
+async def test_socket_too_far_behind_catches_up_from_the_store(
+    region: Region, sockets: list[Socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the layer's capacity a socket's pushes are dropped for one catch-up event."""
+    socket = await open_socket(sockets)
+    await socket.receive_type("chat.history")
+    layer = get_channel_layer()
+    assert isinstance(layer, ChatChannelLayer)
+    catch_ups: list[str] = []
+    handled = layer.overflow_handled
+
+    def overflow_handled(channel: str) -> None:
+        catch_ups.append(channel)
+        handled(channel)
+
+    monkeypatch.setattr(layer, "inbox_capacity", 0)  # every push overflows
+    monkeypatch.setattr(layer, "overflow_handled", overflow_handled)
+    client = AsyncClient()
+    for text in ("one", "two", "three"):
+        await client.post(f"/api/v3/augsburg/de/chat/{DEVICE}/", {"message": text})
+    pushed = [(await socket.receive_type("chat.message"))["message"]["content"] for _ in range(3)]
+    assert pushed == ["one", "two", "three"]
+    assert catch_ups
+    assert await socket.nothing_pending()
 
 
 async def test_ping_pong_and_bad_frames_keep_socket_open(
