@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
@@ -764,9 +765,19 @@ def is_record_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
+def _loads(body: bytes) -> Any:
+    """orjson, a quarter of the standard library's time; what it refuses and the standard
+    library takes (lone surrogates as JSON escapes, which Zammad passes on from what agents
+    paste; integers over 64 bits) goes to the standard library."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def parse_webhook(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
-        payload = json.loads(body)
+        payload = _loads(body)
     except (ValueError, RecursionError) as error:  # also UnicodeDecodeError; too deep
         raise InvalidWebhook("The body is not valid JSON.") from error
     if not isinstance(payload, dict):

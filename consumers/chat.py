@@ -16,6 +16,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+import orjson
 from asgiref.typing import WebSocketDisconnectEvent
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
@@ -268,7 +269,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # The socket may have closed while this frame was being prepared (a slow database
         # call): its disconnect is next in line, and the device catches up when it reconnects.
         with contextlib.suppress(Disconnected):
-            await self.send(text_data=json.dumps(frame, ensure_ascii=False))
+            await self.send(text_data=orjson.dumps(frame).decode())
 
     async def _refuse(self, error: ChatError, client_id: str | None = None) -> None:
         """The one place where typed errors become error frames or close codes."""
