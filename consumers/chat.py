@@ -16,7 +16,6 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-import orjson
 from asgiref.typing import WebSocketDisconnectEvent
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
@@ -269,7 +268,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # The socket may have closed while this frame was being prepared (a slow database
         # call): its disconnect is next in line, and the device catches up when it reconnects.
         with contextlib.suppress(Disconnected):
-            await self.send(text_data=orjson.dumps(frame).decode())
+            await self.send(text_data=json.dumps(frame, ensure_ascii=False))
 
     async def _refuse(self, error: ChatError, client_id: str | None = None) -> None:
         """The one place where typed errors become error frames or close codes."""
