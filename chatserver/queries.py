@@ -212,15 +212,11 @@ def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
         return
     model = type(objects[0])
     fields = [field for field in model._meta.concrete_fields if not field.primary_key]
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(str(field.column)) for field in fields)
-    row = f"({_placeholders(fields)})"
-    sql = f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * len(objects))}"  # noqa: S608
-    params = [
-        field.get_db_prep_save(field.pre_save(obj, add=True), connection)
+    values = [
+        [field.get_db_prep_save(field.pre_save(obj, add=True), connection) for field in fields]
         for obj in objects
-        for field in fields
     ]
+    sql, params = _insert_sql(model, fields, values)
     if ignore_conflicts:
         with connection.cursor() as cursor:
             cursor.execute(sql + " ON CONFLICT DO NOTHING", params)
@@ -229,3 +225,19 @@ def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
     for obj, (pk,) in zip(objects, _rows(sql + " RETURNING id", params), strict=True):
         obj.pk = pk
         obj._state.adding = False
+
+
+def _insert_sql(
+    model: type[Model], fields: Sequence[Any], values: list[list[Any]]
+) -> tuple[str, list[Any]]:
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(str(field.column)) for field in fields)
+    if connection.vendor == "postgresql":
+        # One array per column (as Django's own bulk_create does on PostgreSQL): the same
+        # statement for any number of rows, so it is parsed and prepared once, not per batch.
+        arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
+        sql = f"INSERT INTO {_table(model)} ({columns}) SELECT * FROM unnest({arrays})"  # noqa: S608
+        return sql, [list(column) for column in zip(*values, strict=True)]
+    rows = ", ".join([f"({_placeholders(fields)})"] * len(values))
+    sql = f"INSERT INTO {_table(model)} ({columns}) VALUES {rows}"  # noqa: S608
+    return sql, [value for row in values for value in row]
