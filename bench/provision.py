@@ -58,9 +58,13 @@ def main(devices: int) -> dict[str, Any]:
         "rate_limits": settings.CHAT_RATE_LIMITS_ENABLED,
         "log_level": settings.LOG_LEVEL,
         "ping_interval": getattr(settings, "WS_PING_INTERVAL_SECS", None),
-        # Workers of asgiref's executor for thread-sensitive calls outside a request: every
-        # database_sync_to_async call of a Channels consumer.
-        "consumer_db_threads": getattr(SyncToAsync.single_thread_executor, "_max_workers", None),
+        # Threads of the request path's database calls (chatserver/db.py); servers from before
+        # it ran every consumer's calls in asgiref's one thread-sensitive thread.
+        "consumer_db_threads": getattr(
+            settings,
+            "DB_THREADS",
+            getattr(SyncToAsync.single_thread_executor, "_max_workers", None),
+        ),
     }
 
 

@@ -355,7 +355,7 @@ def settings_rows(
             f"(server's max_connections {database.max_connections()}, shared)",
         ),
         ("database pool", settings["pool"] or "none"),
-        ("threads for the consumers' database calls", settings["consumer_db_threads"]),
+        ("threads for the request path's database calls", settings["consumer_db_threads"]),
         ("server listen backlog", system.listen_backlog(server.port)),
         ("CHAT_RATE_LIMITS_ENABLED", settings["rate_limits"]),
         ("LOG_LEVEL", settings["log_level"]),

@@ -234,7 +234,7 @@ SOCKET_REGION_TTL_SECS = 10.0
 _socket_regions: dict[str, tuple[float, int]] = {}  # slug -> (valid until, region id)
 # Lookups in flight, shared by the sockets that connect meanwhile: when thousands reconnect at
 # once to a process that has not seen their region yet, each asking on its own queued every
-# history read behind thousands of region lookups on the one database thread (10,000 sockets:
+# history read behind thousands of region lookups in the database threads (10,000 sockets:
 # none connected in time).
 _region_lookups: dict[str, asyncio.Task[int]] = {}
 
@@ -309,9 +309,9 @@ class _SocketRead:
 class _SocketReads:
     """The history reads of sockets that open at the same time, ``SOCKET_READ_BATCH`` to a hop.
 
-    All socket reads go through the one database thread, about 1 ms a read: 10,000 sockets
-    opening at once waited 10 s for it, longer than clients wait. One batch is in flight at a
-    time; the reads that arrive meanwhile go in the next, so a lone socket waits no longer."""
+    Read one by one, about 1 ms a read in a database thread, 10,000 sockets opening at once
+    waited 10 s, longer than clients wait. One batch is in flight at a time; the reads that
+    arrive meanwhile go in the next, so a lone socket waits no longer."""
 
     def __init__(self) -> None:
         self.pending: list[_SocketRead] = []
