@@ -54,6 +54,8 @@ import pytest
 
 from chatserver.fakes.base import free_port
 
+from .helpers import wait_for
+
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
 
@@ -391,7 +393,11 @@ async def _scenario(browser: Browser, server: DemoServer) -> None:
     assert await message_ids(page) == before
     # The console was reloaded and shows the new, empty fake Zammad.
     await expect(console.locator("#tickets")).to_contain_text("No tickets yet.")
-    assert page.frame(url=f"{server.fake_zammad_url}/__fake__/") is not None
+    # The frame's address follows its content (a redirect from /demo/console/): wait for it.
+    await wait_for(
+        lambda: page.frame(url=f"{server.fake_zammad_url}/__fake__/"),
+        what="the console on the new fake Zammad",
+    )
     await shot(page, "05-reconnected")
     await page.fill("#message-input", "And where is the nearest library?")
     await page.click("#send-button")
