@@ -288,70 +288,16 @@ async def read_socket_conversation(
     """A socket's history on connect: the current chat's messages with ``id > after``, or an
     empty conversation; NotFound or NotConfigured as ``read_conversation``.
 
-    Sockets opening at the same time share hops to the database thread (``_SocketReads``)."""
+    Sockets opening at the same time share hops to a database thread (``_socket_reads``): read
+    one by one, about 1 ms a read, 10,000 sockets opening at once waited 10 s, longer than
+    clients wait."""
     try:
-        snapshot = await _socket_reads.read(region_slug, device_id, after)
+        snapshot = await _socket_reads.submit((region_slug, device_id, after))
     except (NotFound, NotConfigured):
         _socket_regions.pop(region_slug, None)
         raise
     _socket_regions[region_slug] = (time.monotonic() + SOCKET_REGION_TTL_SECS, snapshot.region_id)
     return snapshot
-
-
-@dataclass
-class _SocketRead:
-    region_slug: str
-    device_id: str
-    after: int | None
-    result: asyncio.Future[SocketSnapshot]
-
-
-class _SocketReads:
-    """The history reads of sockets that open at the same time, ``SOCKET_READ_BATCH`` to a hop.
-
-    Read one by one, about 1 ms a read in a database thread, 10,000 sockets opening at once
-    waited 10 s, longer than clients wait. One batch is in flight at a time; the reads that
-    arrive meanwhile go in the next, so a lone socket waits no longer."""
-
-    def __init__(self) -> None:
-        self.pending: list[_SocketRead] = []
-        self.reader: asyncio.Task[None] | None = None
-
-    async def read(self, region_slug: str, device_id: str, after: int | None) -> SocketSnapshot:
-        loop = asyncio.get_running_loop()
-        read = _SocketRead(region_slug, device_id, after, loop.create_future())
-        if self.reader is None or self.reader.done() or self.reader.get_loop() is not loop:
-            self.pending = []  # a new event loop (tests): the old futures are gone with theirs
-            self.reader = loop.create_task(self._run())
-        self.pending.append(read)
-        return await read.result
-
-    async def _run(self) -> None:
-        while self.pending:
-            batch = [read for read in self.pending[:SOCKET_READ_BATCH] if not read.result.done()]
-            del self.pending[:SOCKET_READ_BATCH]
-            if not batch:
-                continue
-            results: list[SocketSnapshot | BaseException]
-            try:
-                results = list(
-                    await _read_socket_conversations(
-                        [(read.region_slug, read.device_id, read.after) for read in batch]
-                    )
-                )
-            except Exception as error:  # the database is away: every socket of the batch says so
-                results = [error] * len(batch)
-            for read, result in zip(batch, results, strict=True):
-                if read.result.done():  # its socket has closed meanwhile
-                    continue
-                if isinstance(result, SocketSnapshot):
-                    read.result.set_result(result)
-                else:
-                    read.result.set_exception(result)
-
-
-SOCKET_READ_BATCH = 100
-_socket_reads = _SocketReads()
 
 
 # Written out, not built through the ORM: a reconnect storm runs thousands a second, and
@@ -456,6 +402,12 @@ def _read_socket_conversations(
         assert result is not None  # every read has its error or its snapshot
         answered.append(result)
     return answered
+
+
+SOCKET_READ_BATCH = 100
+_socket_reads: GroupCommit[tuple[str, str, int | None], SocketSnapshot] = GroupCommit(
+    _read_socket_conversations, SOCKET_READ_BATCH
+)
 
 
 # --- reading --------------------------------------------------------------------------------

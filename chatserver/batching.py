@@ -50,6 +50,12 @@ class GroupCommit(Generic[Item, Outcome]):
         # so a batch never loses an item half-way.
         return await asyncio.shield(future)
 
+    async def wait_idle(self, timeout_secs: float) -> None:
+        """Wait until this loop's queue has run dry (at most ``timeout_secs``)."""
+        queue = self._queues.get(asyncio.get_running_loop())
+        if queue is not None and queue.runner is not None and not queue.runner.done():
+            await asyncio.wait([queue.runner], timeout=timeout_secs)
+
     async def _run(self, queue: _Queue[Item, Outcome]) -> None:
         while queue.waiting:
             batch = queue.waiting[: self._max_batch]

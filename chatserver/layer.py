@@ -19,6 +19,7 @@ it waits on one queue with one task instead of two of each (``consumers/chat.py`
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -34,6 +35,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .batching import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +72,11 @@ READ_BATCH = 200
 GROUP_WRITE_BATCH = 500
 
 
-@dataclass
+@dataclass(frozen=True)
 class _GroupWrite:
     key: str
     channel: str
     join: bool  # else leave
-    done: asyncio.Future[None]
 
 
 class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
@@ -91,9 +93,8 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         self._watchdog: asyncio.Task[None] | None = None
         self._healthy = asyncio.Event()
         self._marker = f"{self.prefix}:alive:{self.client_prefix}"
-        # Group joins and leaves waiting for the next pipeline, and its sender, per shard.
-        self._group_writes: dict[int, list[_GroupWrite]] = {}
-        self._group_writers: dict[int, asyncio.Task[None]] = {}
+        # Group joins and leaves, batched into one pipeline per round trip, per shard.
+        self._group_writes: dict[int, GroupCommit[_GroupWrite, None]] = {}
 
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
         host = dict(self.hosts[index])
@@ -256,38 +257,26 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         storm's thousands of leaves and joins cost more CPU than anything else of the layer.
         The ones that arrive while a pipeline is out go in the next; a lone one waits no
         longer than before."""
-        loop = asyncio.get_running_loop()
-        write = _GroupWrite(self._group_key(group), channel, join, loop.create_future())
         index = self.consistent_hash(group)
-        writer = self._group_writers.get(index)
-        if writer is None or writer.done() or writer.get_loop() is not loop:
-            self._group_writes[index] = []
-            writer = self._group_writers[index] = loop.create_task(self._send_group_writes(index))
-        self._group_writes[index].append(write)
-        await write.done
+        writes = self._group_writes.get(index)
+        if writes is None:
+            writes = self._group_writes[index] = GroupCommit(
+                functools.partial(self._send_group_writes, index), GROUP_WRITE_BATCH
+            )
+        await writes.submit(_GroupWrite(self._group_key(group), channel, join))
 
-    async def _send_group_writes(self, index: int) -> None:
-        pending = self._group_writes[index]
-        while pending:
-            batch, pending[:] = pending[:GROUP_WRITE_BATCH], pending[GROUP_WRITE_BATCH:]
-            try:
-                async with self.connection(index).pipeline(transaction=False) as pipe:
-                    now = time.time()
-                    for write in batch:
-                        if write.join:
-                            pipe.zadd(write.key, {write.channel: now})
-                            pipe.expire(write.key, self.group_expiry)
-                        else:
-                            pipe.zrem(write.key, write.channel)
-                    await pipe.execute()
-            except Exception as error:  # Redis is away: each caller sees it, as before
-                for write in batch:
-                    if not write.done.done():
-                        write.done.set_exception(error)
-                continue
+    async def _send_group_writes(self, index: int, batch: list[_GroupWrite]) -> list[None]:
+        # Should Redis be away, GroupCommit hands each caller the error, as before.
+        async with self.connection(index).pipeline(transaction=False) as pipe:
+            now = time.time()
             for write in batch:
-                if not write.done.done():  # its consumer may have been cancelled meanwhile
-                    write.done.set_result(None)
+                if write.join:
+                    pipe.zadd(write.key, {write.channel: now})
+                    pipe.expire(write.key, self.group_expiry)
+                else:
+                    pipe.zrem(write.key, write.channel)
+            await pipe.execute()
+        return [None] * len(batch)
 
     # --- outages --------------------------------------------------------------------------------
 
@@ -323,10 +312,9 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         """Stop this loop's reader and watchdog and close its connections (tests and shutdown:
         a pop blocked in Redis ends when its connection closes)."""
         loop = asyncio.get_running_loop()
-        # Group writers end by themselves once their last joins and leaves are sent.
-        writers = [task for task in self._group_writers.values() if task.get_loop() == loop]
-        if writers:
-            await asyncio.wait(writers, timeout=2)
+        # Group writes end by themselves once their last joins and leaves are sent.
+        for writes in self._group_writes.values():
+            await writes.wait_idle(timeout_secs=2)
         tasks = [task for task in (self._reader, self._watchdog) if task is not None]
         for task in tasks:
             task.cancel()
@@ -337,7 +325,6 @@ class ChatChannelLayer(RedisChannelLayer):  # type: ignore[misc]
         if mine:
             await asyncio.wait(mine, timeout=2)
         self._reader = self._watchdog = None
-        self._group_writers = {}
         self._group_writes = {}
         self._inboxes = {}
         self._overflowed = set()
