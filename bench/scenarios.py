@@ -146,6 +146,29 @@ async def open_devices(ctx: Context, count: int) -> list[Socket]:
     )
 
 
+def report_opening(
+    result: Result,
+    sockets: list[Socket],
+    failures: Counter[str],
+    elapsed_secs: float,
+    *,
+    noun: str,
+    done: str,
+    first_frame: str,
+    reasons: str,
+) -> None:
+    """The rows that the connect and reconnect scenarios share: failures, time, time per socket."""
+    result.add(f"failed {noun}s", sum(failures.values()))
+    if failures:
+        result.add(reasons, counted(failures))
+        result.problems.append(f"{sum(failures.values())} of {len(sockets)} {noun}s failed")
+    result.add(done if not failures else "time until the last attempt ended", ms(elapsed_secs))
+    result.add(
+        f"{noun} time per socket ({first_frame})",
+        spread([s.history_at - s.started_at for s in sockets if s.history_at is not None]),
+    )
+
+
 async def warm_up(ctx: Context) -> None:
     """One socket per server process and one push before anything is measured: the servers
     have imported and connected everything they need lazily, so memory before the load is a
@@ -191,17 +214,15 @@ async def connect(ctx: Context) -> Result:
         if not ctx.args.connect_secs
         else f"{count}, spread evenly over {ctx.args.connect_secs:g} s",
     )
-    result.add("failed connects", sum(failures.values()))
-    if failures:
-        result.add("failure reasons", counted(failures))
-        result.problems.append(f"{sum(failures.values())} of {count} connects failed")
-    result.add(
-        "time to all connected" if not failures else "time until the last attempt ended",
-        ms(finished - started),
-    )
-    result.add(
-        "connect time per socket (start to first frame: chat.history, or ready)",
-        spread([s.history_at - s.started_at for s in ready if s.history_at is not None]),
+    report_opening(
+        result,
+        sockets,
+        failures,
+        finished - started,
+        noun="connect",
+        done="time to all connected",
+        first_frame="start to first frame: chat.history, or ready",
+        reasons="failure reasons",
     )
     result.add(
         "  of which handshake",
@@ -697,17 +718,15 @@ async def reconnect(ctx: Context) -> Result:
         "reconnects",
         f"{len(sockets)} with ?after=<last id>, spread over {args.reconnect_secs:g} s",
     )
-    result.add("failed reconnects", sum(failures.values()))
-    if failures:
-        result.add("  failure reasons", counted(failures))
-        result.problems.append(f"{sum(failures.values())} of {len(sockets)} reconnects failed")
-    result.add(
-        "time until all reconnected" if not failures else "time until the last attempt ended",
-        ms(finished - started),
-    )
-    result.add(
-        "reconnect time per socket (start to chat.history)",
-        spread([s.history_at - s.started_at for s in sockets if s.history_at is not None]),
+    report_opening(
+        result,
+        sockets,
+        failures,
+        finished - started,
+        noun="reconnect",
+        done="time until all reconnected",
+        first_frame="start to chat.history",
+        reasons="  failure reasons",
     )
     result.add("devices with exactly the messages they missed", f"{exact} of {reconnected}")
     result.add("devices missing a message", missing)
