@@ -21,7 +21,6 @@ from . import reads
 from .models import Chat, Message, Region, WebhookDelivery, Work
 
 M = TypeVar("M", bound=Model)
-Row = tuple[Any, ...]
 Converter = Callable[[Any, Any, Any], Any]
 
 
@@ -106,12 +105,6 @@ def _placeholders(values: Sequence[Any]) -> str:
     return ", ".join(["%s"] * len(values))
 
 
-def _rows(sql: str, params: Sequence[Any]) -> list[Row]:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return list(cursor.fetchall())
-
-
 def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
     if not tokens:
         return {}
@@ -119,7 +112,7 @@ def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
         f"SELECT {_columns(Region, 'r')} FROM {_table(Region)} r "  # noqa: S608
         f"WHERE r.webhook_token IN ({_placeholders(tokens)})"
     )
-    regions = [_instance(Region, row) for row in _rows(sql, tokens)]
+    regions = [_instance(Region, row) for row in reads.rows_in_thread(sql, tokens)]
     return {region.webhook_token: region for region in regions}
 
 
@@ -166,7 +159,7 @@ def ticket_state(
                 [*region_ids, *delivery_ids],
             )
         )
-    results = [_rows(sql, params) for sql, params in statements]
+    results = [reads.rows_in_thread(sql, params) for sql, params in statements]
     return TicketState(
         seen={(row[0], row[1]) for row in results[2]} if delivery_ids else set(),
         chats=[_instance(Chat, row) for row in results[0]],
@@ -182,7 +175,7 @@ def chats_with_queued(chat_ids: Sequence[int], kind: str) -> set[int]:
         f"SELECT DISTINCT chat_id FROM {_table(Work)} "  # noqa: S608
         f"WHERE chat_id IN ({_placeholders(chat_ids)}) AND kind = %s AND state = %s"
     )
-    return {row[0] for row in _rows(sql, [*chat_ids, kind, Work.State.QUEUED])}
+    return {row[0] for row in reads.rows_in_thread(sql, [*chat_ids, kind, Work.State.QUEUED])}
 
 
 def save_chats(chats: Sequence[Chat], fields: Sequence[str]) -> None:
@@ -222,7 +215,9 @@ def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
             cursor.execute(sql + " ON CONFLICT DO NOTHING", params)
         return
     # Ids come back in the order of the rows, as Django's bulk_create relies on too.
-    for obj, (pk,) in zip(objects, _rows(sql + " RETURNING id", params), strict=True):
+    for obj, (pk,) in zip(
+        objects, reads.rows_in_thread(sql + " RETURNING id", params), strict=True
+    ):
         obj.pk = pk
         obj._state.adding = False
 

@@ -12,7 +12,6 @@ Writes never come here: they stay in Django's transactions (``chatserver.actions
 from __future__ import annotations
 
 import asyncio
-import logging
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -23,8 +22,6 @@ from django.db import DatabaseError, connection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .db import database_sync_to_async
-
-logger = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
 
@@ -38,7 +35,7 @@ async def rows(sql: str, params: Sequence[Any]) -> list[Row]:
     """All rows of a read-only query (``%s`` placeholders, as Django's)."""
     pool = await _pool()
     if pool is None:
-        return await database_sync_to_async(_rows_in_thread)(sql, params)
+        return await database_sync_to_async(rows_in_thread)(sql, params)
     # A pooled connection that a database restart broke fails once, and the pool drops it:
     # a read is safe to try again on another (instead of checking every connection first).
     for attempt in range(2):
@@ -57,7 +54,8 @@ async def rows(sql: str, params: Sequence[Any]) -> list[Row]:
     raise AssertionError("unreachable")
 
 
-def _rows_in_thread(sql: str, params: Sequence[Any]) -> list[Row]:
+def rows_in_thread(sql: str, params: Sequence[Any]) -> list[Row]:
+    """All rows of a query, in the calling thread (a database thread, or a transaction's)."""
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return list(cursor.fetchall())
