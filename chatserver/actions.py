@@ -317,10 +317,6 @@ _SOCKET_MESSAGES_SQL = (
 )
 
 
-def _placeholders(count: int) -> str:
-    return ", ".join(["%s"] * count)
-
-
 @database_sync_to_async
 def _read_socket_conversations(
     reads: list[tuple[str, str, int | None]],
@@ -338,7 +334,7 @@ def _read_socket_conversations(
         slugs = sorted({slug for slug, _ in wanted})
         devices = sorted({device for _, device in wanted})
         sql = _SOCKET_CHATS_SQL.format(
-            slugs=_placeholders(len(slugs)), devices=_placeholders(len(devices))
+            slugs=queries.placeholders(slugs), devices=queries.placeholders(devices)
         )
         for chat in Chat.objects.raw(sql, [*slugs, *devices]):
             selected = chat.__dict__  # the region's columns came along as extra attributes

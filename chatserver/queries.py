@@ -101,7 +101,8 @@ async def messages(chat: Chat, after: int | None = None) -> list[Message]:
 # --- the webhook's batch (chatserver.actions._apply_ticket_changes) -----------------------------
 
 
-def _placeholders(values: Sequence[Any]) -> str:
+def placeholders(values: Sequence[Any]) -> str:
+    """``%s, %s, ...``: one query parameter for each of ``values`` (an ``IN`` list)."""
     return ", ".join(["%s"] * len(values))
 
 
@@ -110,7 +111,7 @@ def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
         return {}
     sql = (
         f"SELECT {_columns(Region, 'r')} FROM {_table(Region)} r "  # noqa: S608
-        f"WHERE r.webhook_token IN ({_placeholders(tokens)})"
+        f"WHERE r.webhook_token IN ({placeholders(tokens)})"
     )
     regions = [_instance(Region, row) for row in reads.rows_in_thread(sql, tokens)]
     return {region.webhook_token: region for region in regions}
@@ -133,7 +134,7 @@ def ticket_state(
 
     Three plain queries: psycopg's pipeline mode would send them in one round trip, but waits
     for the answers by polling, which cost more CPU than the two round trips it saves."""
-    regions, tickets = _placeholders(region_ids), _placeholders(ticket_ids)
+    regions, tickets = placeholders(region_ids), placeholders(ticket_ids)
     lock = " FOR UPDATE OF c" if connection.features.has_select_for_update_of else ""
     statements: list[tuple[str, list[Any]]] = [
         (
@@ -155,7 +156,7 @@ def ticket_state(
             (
                 f"SELECT region_id, delivery_id FROM {_table(WebhookDelivery)} "  # noqa: S608
                 f"WHERE region_id IN ({regions}) "
-                f"AND delivery_id IN ({_placeholders(delivery_ids)})",
+                f"AND delivery_id IN ({placeholders(delivery_ids)})",
                 [*region_ids, *delivery_ids],
             )
         )
@@ -173,7 +174,7 @@ def chats_with_queued(chat_ids: Sequence[int], kind: str) -> set[int]:
         return set()
     sql = (
         f"SELECT DISTINCT chat_id FROM {_table(Work)} "  # noqa: S608
-        f"WHERE chat_id IN ({_placeholders(chat_ids)}) AND kind = %s AND state = %s"
+        f"WHERE chat_id IN ({placeholders(chat_ids)}) AND kind = %s AND state = %s"
     )
     return {row[0] for row in reads.rows_in_thread(sql, [*chat_ids, kind, Work.State.QUEUED])}
 
@@ -233,6 +234,6 @@ def _insert_sql(
         arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
         sql = f"INSERT INTO {_table(model)} ({columns}) SELECT * FROM unnest({arrays})"  # noqa: S608
         return sql, [list(column) for column in zip(*values, strict=True)]
-    rows = ", ".join([f"({_placeholders(fields)})"] * len(values))
+    rows = ", ".join([f"({placeholders(fields)})"] * len(values))
     sql = f"INSERT INTO {_table(model)} ({columns}) VALUES {rows}"  # noqa: S608
     return sql, [value for row in values for value in row]
