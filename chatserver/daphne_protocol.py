@@ -12,15 +12,25 @@ with no close frame. The factory therefore adds a reactor "before shutdown" trig
 that sends every open socket a 1001 close frame and holds the shutdown until the close handshakes
 are done, or ``GOING_AWAY_WAIT_SECS`` have passed.
 
-daphne offers no hook for either, so its factory class is replaced once, on import of
-``chatserver.asgi``, which both ``daphne chatserver.asgi:application`` and ``manage.py serve`` do
-before daphne builds the factory.
+daphne walks every connection in one go once a second (reaping finished applications) and
+every two seconds (timeouts and pings). With 5,000 sockets each walk held the event loop for
+10-20 ms, and every push arriving meanwhile waited (docs/performance.md). Here each walk is
+spread over ten slices, ten times as often: every connection is still checked as often as in
+daphne, but the loop is never held for more than a tenth of it.
+
+daphne offers no hook for any of these, so its factory classes and its server's two checkers are
+replaced once, on import of ``chatserver.asgi``, which both ``daphne chatserver.asgi:application``
+and ``manage.py serve`` do before daphne builds the factory and starts the checkers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import pprint
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import autobahn.websocket.protocol
@@ -160,9 +170,99 @@ class _LazyPformat:
         return pprint.pformat(self.value)
 
 
+class ConnectionPass:
+    """A walk over a changing set of connections, one slice per call: each call takes the
+    next ``1/slices`` of a snapshot, and a new snapshot once the previous one is done."""
+
+    def __init__(self, slices: int) -> None:
+        self.slices = slices
+        self._left: list[Any] = []
+        self._size = 1
+
+    def next_slice(self, current: Iterable[Any]) -> list[Any]:
+        if not self._left:
+            self._left = list(current)
+            self._size = max(1, math.ceil(len(self._left) / self.slices))
+        chunk = self._left[: self._size]
+        del self._left[: self._size]
+        return chunk
+
+
+CHECK_SLICES = 10
+APPLICATION_CHECK_SECS = 1.0  # daphne's: each connection's application once a second
+TIMEOUT_CHECK_SECS = 2.0  # daphne's: each connection's timeouts and ping every two seconds
+
+
+def application_checker(server: daphne.server.Server) -> None:
+    """daphne's ``Server.application_checker``, a slice of the connections at a time."""
+    from twisted.internet import reactor
+
+    for protocol in _next_slice(server, "_application_pass"):
+        check_application(server, protocol)
+    # (The interface's stub has no ``self``, so mypy sees the arguments shifted by one.)
+    reactor.callLater(APPLICATION_CHECK_SECS / CHECK_SLICES, server.application_checker)  # type: ignore[arg-type]
+
+
+def timeout_checker(server: daphne.server.Server) -> None:
+    """daphne's ``Server.timeout_checker`` (timeouts and pings), a slice at a time."""
+    from twisted.internet import reactor
+
+    for protocol in _next_slice(server, "_timeout_pass"):
+        protocol.check_timeouts()
+    reactor.callLater(TIMEOUT_CHECK_SECS / CHECK_SLICES, server.timeout_checker)  # type: ignore[arg-type]
+
+
+def _next_slice(server: daphne.server.Server, name: str) -> list[Any]:
+    walk = server.__dict__.setdefault(name, ConnectionPass(CHECK_SLICES))
+    return [
+        protocol
+        for protocol in walk.next_slice(server.connections)
+        if protocol in server.connections
+    ]
+
+
+def check_application(server: daphne.server.Server, protocol: Any) -> None:
+    """What daphne's checker does for one connection: cancel an application that outlives its
+    disconnected connection too long, report the exception it ended with, and forget a
+    connection whose application is done and which has disconnected."""
+    details = server.connections[protocol]
+    disconnected = details.get("disconnected")
+    application_instance = details.get("application_instance")
+    if (
+        disconnected
+        and time.time() - disconnected > server.application_close_timeout
+        and application_instance
+        and not application_instance.done()
+    ):
+        logger.warning(
+            "Application instance %r for connection %s took too long to shut down and was killed.",
+            application_instance,
+            repr(protocol),
+        )
+        application_instance.cancel()
+    if application_instance and application_instance.done():
+        try:
+            exception = application_instance.exception()
+        except asyncio.CancelledError:
+            pass
+        else:
+            if isinstance(exception, KeyboardInterrupt):
+                server.stop()  # the application asks the server to exit (tests)
+            elif exception:
+                logger.error("Exception inside application: %s", exception, exc_info=exception)
+                if not disconnected:
+                    protocol.handle_exception(exception)
+        del details["application_instance"]
+        application_instance = None
+    if not application_instance and disconnected:
+        del server.connections[protocol]
+
+
 def install() -> None:
     daphne.server.WebSocketFactory = LimitedWebSocketFactory
     daphne.server.HTTPFactory = RawBodyHTTPFactory
+    daphne.server.Server.application_checker = application_checker
+    daphne.server.Server.timeout_checker = timeout_checker
     # autobahn pretty-prints its options for a debug line on every connection, also when debug
     # logging is off: 3 % of a connect's CPU.
     autobahn.websocket.protocol.pformat = _LazyPformat  # type: ignore[attr-defined,assignment]
