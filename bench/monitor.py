@@ -3,7 +3,9 @@ machine; Redis commands; PostgreSQL sessions; the channel layer's backlog, sampl
 
 CPU is given in percent of one core over the phase's wall time (200% = both cores of a 2-core
 machine busy). "rest" is the machine's busy time not accounted to the server, the generator or
-Redis: PostgreSQL, the kernel's interrupt work, anything else running.
+Redis: PostgreSQL, the kernel's interrupt work, anything else running. The server's figure is
+split once more: "event loop" is its main thread (daphne, Django's request handling, the
+consumers, the channel layer, the reads of polls); the remainder is its database threads.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SAMPLE_INTERVAL_SECS = 0.1
 class Usage:
     wall: float
     server: float
+    server_loop: float  # the server's main threads: the event loop
     generator: float
     redis: float
     postgres: float
@@ -38,6 +41,7 @@ class Usage:
 class Cost:
     wall_secs: float
     server_pct: float
+    server_loop_pct: float
     generator_pct: float
     redis_pct: float
     postgres_pct: float
@@ -51,7 +55,8 @@ class Cost:
 
     def summary(self) -> str:
         return (
-            f"server {self.server_pct:.0f}%, generator {self.generator_pct:.0f}%, "
+            f"server {self.server_pct:.0f}% (event loop {self.server_loop_pct:.0f}%), "
+            f"generator {self.generator_pct:.0f}%, "
             f"Redis {self.redis_pct:.0f}%, PostgreSQL {self.postgres_pct:.0f}%, "
             f"other {self.rest_pct:.0f}% (machine {self.machine_pct:.0f}% "
             f"of {100 * (os.cpu_count() or 1)}%)"
@@ -67,6 +72,7 @@ def cost(before: Usage, after: Usage) -> Cost:
     return Cost(
         wall_secs=wall,
         server_pct=pct(after.server - before.server),
+        server_loop_pct=pct(after.server_loop - before.server_loop),
         generator_pct=pct(after.generator - before.generator),
         redis_pct=pct(after.redis - before.redis),
         postgres_pct=pct(after.postgres - before.postgres),
@@ -106,6 +112,7 @@ class Probe:
         return Usage(
             wall=time.perf_counter(),
             server=sum(system.process_cpu_secs(pid) for pid in self.server_pids),
+            server_loop=sum(system.main_thread_cpu_secs(pid) for pid in self.server_pids),
             generator=system.self_cpu_secs(),
             redis=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             postgres=system.postgres_cpu_secs(),

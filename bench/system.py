@@ -114,7 +114,17 @@ def open_fds(pid: int) -> int:
 
 def process_cpu_secs(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads) so far."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+    return _cpu_secs(Path(f"/proc/{pid}/stat"))
+
+
+def main_thread_cpu_secs(pid: int) -> float:
+    """User + system CPU seconds so far of a process's main thread (the server's event loop;
+    its other threads are the database threads and the pools' workers)."""
+    return _cpu_secs(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def _cpu_secs(stat: Path) -> float:
+    text = stat.read_text()
     # The command name may contain spaces and parentheses: split after its closing one.
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SEC
