@@ -213,7 +213,9 @@ def timeout_checker(server: daphne.server.Server) -> None:
 
 
 def _next_slice(server: daphne.server.Server, name: str) -> list[Any]:
-    walk = server.__dict__.setdefault(name, ConnectionPass(CHECK_SLICES))
+    walk = server.__dict__.get(name)
+    if walk is None:
+        walk = server.__dict__[name] = ConnectionPass(CHECK_SLICES)
     return [
         protocol
         for protocol in walk.next_slice(server.connections)

@@ -203,11 +203,16 @@ def server_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def skip_without_shared_services() -> None:
+    """A daphne process shares the test's database and Redis only with PostgreSQL and Redis."""
+    if not settings.REDIS_URL or "postgresql" not in settings.DATABASES["default"]["ENGINE"]:
+        pytest.skip("needs REDIS_URL and DATABASE_URL (PostgreSQL) shared with daphne")
+
+
 @pytest.fixture(scope="session")
 def daphne_pair(django_db_setup: Any) -> Iterator[tuple[Daphne, Daphne]]:
     """Two real daphne processes on the real Redis and the test database."""
-    if not settings.REDIS_URL or "postgresql" not in settings.DATABASES["default"]["ENGINE"]:
-        pytest.skip("the end-to-end tier needs REDIS_URL and DATABASE_URL (PostgreSQL)")
+    skip_without_shared_services()
     env = server_env(CHATBOT_URL="")
     first = Daphne(free_port(), env).start()
     second = Daphne(free_port(), env).start()

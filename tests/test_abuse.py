@@ -60,6 +60,7 @@ from .conftest import (
     PrivateRedis,
     drain,
     server_env,
+    skip_without_shared_services,
 )
 from .helpers import Capture, check_frame, wait_for, wait_for_sync
 from .private_postgres import PG_BIN, PrivatePostgres
@@ -278,14 +279,6 @@ class LoggedDaphne(Daphne):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
-
-
-def skip_without_shared_services() -> None:
-    """A daphne process shares the test's database and Redis only with PostgreSQL and Redis."""
-    from django.conf import settings
-
-    if not settings.REDIS_URL or "postgresql" not in settings.DATABASES["default"]["ENGINE"]:
-        pytest.skip("needs REDIS_URL and DATABASE_URL (PostgreSQL) shared with daphne")
 
 
 @pytest.fixture(scope="module")

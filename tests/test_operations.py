@@ -43,6 +43,7 @@ from .conftest import (
     PrivateRedis,
     amake_region,
     server_env,
+    skip_without_shared_services,
 )
 from .helpers import wait_for
 
@@ -497,8 +498,7 @@ def test_log_context_nests_and_json_format() -> None:
 
 @pytest.fixture
 async def daphne(live_region: Region) -> AsyncIterator[Daphne]:
-    if not settings.REDIS_URL or "postgresql" not in settings.DATABASES["default"]["ENGINE"]:
-        pytest.skip("needs REDIS_URL and DATABASE_URL (PostgreSQL) shared with a daphne process")
+    skip_without_shared_services()
     server = Daphne(free_port(), server_env(CHATBOT_URL=""))
     await asyncio.to_thread(server.start)
     yield server
