@@ -309,3 +309,58 @@ async def test_a_delivery_that_fails_in_a_batch_fails_alone(
     [poison] = [d for d in deliveries if b"poison" in d["body"]]
     assert (await replay(client, poison)).status_code == 200
     assert (await agent_messages(client)).count("<p>poison</p>") == 1
+
+
+async def test_one_batch_of_good_bad_and_repeated_deliveries(
+    live_region: Region, zammad: Any, capture: Capture
+) -> None:
+    """Every kind of delivery in one batch (as a burst brings them): each gets its own answer,
+    and only the good ones change anything."""
+    from chatserver.errors import InvalidWebhook, NotFound, WebhookUnauthorized
+    from chatserver.publish import Outbox
+
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    for text in ("first", "second"):
+        zammad.agent_reply(ticket_id, f"<p>{text}</p>")
+    first, second = await capture.wait_async(2)
+
+    def delivery(captured: dict[str, Any], **changes: Any) -> actions.Delivery:
+        headers = captured["headers"]
+        fields = {
+            "token": WEBHOOK_TOKEN,
+            "body": captured["body"],
+            "signature": headers["X-Hub-Signature"],
+            "delivery_id": headers["X-Zammad-Delivery"],
+            **changes,
+        }
+        return actions.Delivery(**fields)
+
+    malformed = b'{"ticket": {"id": "7"}}'
+    unknown = json.dumps({"ticket": {"id": ticket_id + 1000}, "article": {}}).encode()
+    batch = [
+        delivery(first, token="wrong"),
+        delivery(first, signature="sha1=00"),
+        delivery(first, body=malformed, signature=_sign(malformed), delivery_id="m"),
+        delivery(first),
+        delivery(first),  # Zammad's retry, in the same batch
+        delivery(second, delivery_id=None),
+        delivery(second, delivery_id="again"),  # the same article, another delivery id
+        delivery(first, body=unknown, signature=_sign(unknown), delivery_id="u"),
+    ]
+    outcomes = await sync_to_async(actions._apply_webhooks)(batch, Outbox())
+    assert [
+        type(outcome) if isinstance(outcome, Exception) else outcome for outcome in outcomes
+    ] == [
+        NotFound,
+        WebhookUnauthorized,
+        InvalidWebhook,
+        "message",
+        "duplicate",
+        "message",
+        "known",
+        "unknown_ticket",
+    ]
+    assert await agent_messages(client) == ["<p>first</p>", "<p>second</p>"]
+    recorded = [d.outcome async for d in WebhookDelivery.objects.order_by("id")]
+    assert recorded == ["message", "message", "known", "unknown_ticket"]
