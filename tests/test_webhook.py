@@ -17,7 +17,9 @@ from django.test import AsyncClient
 
 from chatserver import actions
 from chatserver.asgi import application
+from chatserver.errors import InvalidWebhook, NotFound, WebhookUnauthorized
 from chatserver.models import Message, Region, WebhookDelivery, Work
+from chatserver.publish import Outbox
 
 from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, drain
 from .helpers import Capture, check_conversation, check_frame
@@ -316,9 +318,6 @@ async def test_one_batch_of_good_bad_and_repeated_deliveries(
 ) -> None:
     """Every kind of delivery in one batch (as a burst brings them): each gets its own answer,
     and only the good ones change anything."""
-    from chatserver.errors import InvalidWebhook, NotFound, WebhookUnauthorized
-    from chatserver.publish import Outbox
-
     client = AsyncClient()
     ticket_id = await open_ticket(client, zammad)
     for text in ("first", "second"):
