@@ -617,15 +617,14 @@ def _attachments_of(article: dict[str, Any]) -> list[dict[str, Any]]:
             preferences = {}
         size = str(item.get("size") or "0")
         size = size if size.isascii() and size.isdigit() and len(size) < 19 else "0"
+        mime_type = preferences.get("Content-Type") or preferences.get("Mime-Type")
         stored.append(
             {
-                "name": str(item.get("filename") or "attachment"),
+                # Cleaned like a message's text: PostgreSQL refuses NUL in JSON, which would
+                # fail every delivery of the article.
+                "name": clean_text(str(item.get("filename") or "")) or "attachment",
                 "size": int(size),
-                "mime_type": str(
-                    preferences.get("Content-Type")
-                    or preferences.get("Mime-Type")
-                    or "application/octet-stream"
-                ),
+                "mime_type": clean_text(str(mime_type or "")) or "application/octet-stream",
                 "token": new_attachment_token(),
                 "article_id": article["id"],
                 "attachment_id": item["id"],

@@ -203,6 +203,33 @@ async def test_malformed_bodies_are_400(region: Region, raw: bytes) -> None:
     assert await WebhookDelivery.objects.acount() == 0
 
 
+async def test_control_characters_in_an_attachment_are_cleaned_not_refused(
+    live_region: Region, zammad: Any, capture: Capture
+) -> None:
+    """A file name with a NUL, as pasted into Zammad: PostgreSQL refuses NUL in JSON, which
+    failed every delivery of the reply, so it never arrived."""
+    client = AsyncClient()
+    ticket_id = await open_ticket(client, zammad)
+    zammad.agent_reply(ticket_id, "<p>see attached</p>")
+    [delivery] = capture.wait(1)
+    payload = json.loads(delivery["body"])
+    payload["article"]["attachments"] = [
+        {
+            "id": 5,
+            "filename": "a\u0000b.pdf",
+            "size": "3",
+            "preferences": {"Content-Type": "\u0000"},
+        }
+    ]
+    raw = json.dumps(payload).encode()
+    headers = dict(delivery["headers"], **{"X-Hub-Signature": _sign(raw)})
+    answer = await replay(client, dict(delivery, body=raw, headers=headers))
+    assert json.loads(answer.content) == {"status": "ok", "outcome": "message"}
+    messages = json.loads((await client.get(CHAT)).content)["messages"]
+    [attachment] = messages[-1]["attachments"]
+    assert (attachment["name"], attachment["mime_type"]) == ("ab.pdf", "application/octet-stream")
+
+
 async def test_oversized_body_is_refused(region: Region, settings: Any) -> None:
     settings.WEBHOOK_MAX_BODY_BYTES = 1000
     raw = json.dumps({"ticket": {"id": 1}, "padding": "x" * 2000}).encode()
