@@ -300,23 +300,6 @@ async def read_socket_conversation(
     return snapshot
 
 
-# Written out, not built through the ORM: a reconnect storm runs thousands a second, and
-# building them cost more CPU than running them (1.4 ms a connect, most of it compiling, against
-# 0.5 ms with raw()). ``raw()`` still converts the values.
-_SOCKET_CHATS_SQL = (
-    "SELECT c.id, c.region_id, c.device_id, c.language, c.expires_at, c.last_message_id,"
-    " c.evaluation_consent, c.bot_typing, c.zammad_ticket_id, r.slug AS region_slug,"
-    " r.chat_enabled AS region_enabled, r.zammad_url AS region_zammad_url,"
-    " r.zammad_token AS region_zammad_token"
-    " FROM chatserver_chat c JOIN chatserver_region r ON r.id = c.region_id"
-    " WHERE r.slug IN ({slugs}) AND c.device_id IN ({devices}) AND c.is_current"
-)
-_SOCKET_MESSAGES_SQL = (
-    "SELECT id, chat_id, role, content, automatic, created_at, status, client_id, attachments"
-    " FROM chatserver_message WHERE {missed} ORDER BY chat_id, id"
-)
-
-
 @database_sync_to_async
 def _read_socket_conversations(
     reads: list[tuple[str, str, int | None]],
@@ -329,23 +312,12 @@ def _read_socket_conversations(
             wanted.setdefault((validation.region_slug(region_slug), device_id), []).append(index)
         except ChatError as error:
             results[index] = error
-    chats: dict[tuple[str, str], Chat] = {}
-    if wanted:
-        slugs = sorted({slug for slug, _ in wanted})
-        devices = sorted({device for _, device in wanted})
-        sql = _SOCKET_CHATS_SQL.format(
-            slugs=queries.placeholders(slugs), devices=queries.placeholders(devices)
+    chats = {
+        (chat.region.slug, chat.device_id): chat
+        for chat in queries.socket_chats(
+            sorted({slug for slug, _ in wanted}), sorted({device for _, device in wanted})
         )
-        for chat in Chat.objects.raw(sql, [*slugs, *devices]):
-            selected = chat.__dict__  # the region's columns came along as extra attributes
-            chat.region = Region(
-                id=chat.region_id,
-                slug=selected.pop("region_slug"),
-                chat_enabled=selected.pop("region_enabled"),
-                zammad_url=selected.pop("region_zammad_url"),
-                zammad_token=selected.pop("region_zammad_token"),
-            )
-            chats[(chat.region.slug, chat.device_id)] = chat
+    }
     # Every stored message moves last_message_id on: a device that has seen it missed none.
     missed: dict[int, int] = {}  # chat id -> the lowest ``after`` asked for it
     for key, indexes in wanted.items():
@@ -357,13 +329,8 @@ def _read_socket_conversations(
             if after < chat_or_none.last_message_id:
                 missed[chat_or_none.pk] = min(after, missed.get(chat_or_none.pk, after))
     messages: dict[int, list[Message]] = {}
-    if missed:
-        sql = _SOCKET_MESSAGES_SQL.format(
-            missed=" OR ".join(["(chat_id = %s AND id > %s)"] * len(missed))
-        )
-        params = [value for chat_id, after in missed.items() for value in (chat_id, after)]
-        for message in Message.objects.raw(sql, params):
-            messages.setdefault(message.chat_id, []).append(message)
+    for message in queries.messages_after_each(missed):
+        messages.setdefault(message.chat_id, []).append(message)
     regions: dict[str, int | ChatError] = {}
     for key, indexes in wanted.items():
         slug, current = key[0], chats.get(key)

@@ -3,8 +3,9 @@
 Django compiles a queryset anew every time it runs: about 0.6 ms of CPU for the chat with its
 region, more than everything else in a poll (docs/performance.md). These are the same queries,
 written once; rows become model instances through the fields' own database converters, as
-the ORM's would (JSON, and SQLite's dates and booleans). The reads are async (``reads``: on
-PostgreSQL straight from the event loop); the webhook's run in its transaction.
+the ORM's would (JSON, and SQLite's dates and booleans). A poll's reads are async (``reads``:
+on PostgreSQL straight from the event loop); those of sockets opening together and the
+webhook's batch run in a database thread, the batch's in its transaction.
 """
 
 from __future__ import annotations
@@ -98,12 +99,62 @@ async def messages(chat: Chat, after: int | None = None) -> list[Message]:
     return found
 
 
-# --- the webhook's batch (chatserver.actions._apply_ticket_changes) -----------------------------
-
-
-def placeholders(values: Sequence[Any]) -> str:
+def _placeholders(values: Sequence[Any]) -> str:
     """``%s, %s, ...``: one query parameter for each of ``values`` (an ``IN`` list)."""
     return ", ".join(["%s"] * len(values))
+
+
+# --- sockets opening together (chatserver.actions._read_socket_conversations) -------------------
+
+# Through ``raw()``, which still converts the values, and only the columns a socket's history
+# needs: a reconnect storm runs thousands a second (1.4 ms a connect through the ORM, most of
+# it compiling, against 0.5 ms).
+_SOCKET_CHATS_SQL = (
+    "SELECT c.id, c.region_id, c.device_id, c.language, c.expires_at, c.last_message_id,"
+    " c.evaluation_consent, c.bot_typing, c.zammad_ticket_id, r.slug AS region_slug,"
+    " r.chat_enabled AS region_enabled, r.zammad_url AS region_zammad_url,"
+    " r.zammad_token AS region_zammad_token"
+    " FROM chatserver_chat c JOIN chatserver_region r ON r.id = c.region_id"
+    " WHERE r.slug IN ({slugs}) AND c.device_id IN ({devices}) AND c.is_current"
+)
+_SOCKET_MESSAGES_SQL = (
+    "SELECT id, chat_id, role, content, automatic, created_at, status, client_id, attachments"
+    " FROM chatserver_message WHERE {missed} ORDER BY chat_id, id"
+)
+
+
+def socket_chats(slugs: Sequence[str], devices: Sequence[str]) -> list[Chat]:
+    """The current chats of these devices in these regions, each with the part of its region
+    a socket needs (slug, switch, Zammad settings): one query for any number of sockets."""
+    if not slugs or not devices:
+        return []
+    sql = _SOCKET_CHATS_SQL.format(slugs=_placeholders(slugs), devices=_placeholders(devices))
+    chats = []
+    for chat in Chat.objects.raw(sql, [*slugs, *devices]):
+        selected = chat.__dict__  # the region's columns came along as extra attributes
+        chat.region = Region(
+            id=chat.region_id,
+            slug=selected.pop("region_slug"),
+            chat_enabled=selected.pop("region_enabled"),
+            zammad_url=selected.pop("region_zammad_url"),
+            zammad_token=selected.pop("region_zammad_token"),
+        )
+        chats.append(chat)
+    return chats
+
+
+def messages_after_each(after: dict[int, int]) -> list[Message]:
+    """For each chat id in ``after``, its messages with a higher id; by chat, then by id."""
+    if not after:
+        return []
+    sql = _SOCKET_MESSAGES_SQL.format(
+        missed=" OR ".join(["(chat_id = %s AND id > %s)"] * len(after))
+    )
+    params = [value for chat_id, last in after.items() for value in (chat_id, last)]
+    return list(Message.objects.raw(sql, params))
+
+
+# --- the webhook's batch (chatserver.actions._apply_ticket_changes) -----------------------------
 
 
 def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
@@ -111,7 +162,7 @@ def regions_by_token(tokens: Sequence[str]) -> dict[str, Region]:
         return {}
     sql = (
         f"SELECT {_columns(Region, 'r')} FROM {_table(Region)} r "  # noqa: S608
-        f"WHERE r.webhook_token IN ({placeholders(tokens)})"
+        f"WHERE r.webhook_token IN ({_placeholders(tokens)})"
     )
     regions = [_instance(Region, row) for row in reads.rows_in_thread(sql, tokens)]
     return {region.webhook_token: region for region in regions}
@@ -134,7 +185,7 @@ def ticket_state(
 
     Three plain queries: psycopg's pipeline mode would send them in one round trip, but waits
     for the answers by polling, which cost more CPU than the two round trips it saves."""
-    regions, tickets = placeholders(region_ids), placeholders(ticket_ids)
+    regions, tickets = _placeholders(region_ids), _placeholders(ticket_ids)
     lock = " FOR UPDATE OF c" if connection.features.has_select_for_update_of else ""
     statements: list[tuple[str, list[Any]]] = [
         (
@@ -156,7 +207,7 @@ def ticket_state(
             (
                 f"SELECT region_id, delivery_id FROM {_table(WebhookDelivery)} "  # noqa: S608
                 f"WHERE region_id IN ({regions}) "
-                f"AND delivery_id IN ({placeholders(delivery_ids)})",
+                f"AND delivery_id IN ({_placeholders(delivery_ids)})",
                 [*region_ids, *delivery_ids],
             )
         )
@@ -174,7 +225,7 @@ def chats_with_queued(chat_ids: Sequence[int], kind: str) -> set[int]:
         return set()
     sql = (
         f"SELECT DISTINCT chat_id FROM {_table(Work)} "  # noqa: S608
-        f"WHERE chat_id IN ({placeholders(chat_ids)}) AND kind = %s AND state = %s"
+        f"WHERE chat_id IN ({_placeholders(chat_ids)}) AND kind = %s AND state = %s"
     )
     return {row[0] for row in reads.rows_in_thread(sql, [*chat_ids, kind, Work.State.QUEUED])}
 
@@ -234,6 +285,6 @@ def _insert_sql(
         arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
         sql = f"INSERT INTO {_table(model)} ({columns}) SELECT * FROM unnest({arrays})"  # noqa: S608
         return sql, [list(column) for column in zip(*values, strict=True)]
-    rows = ", ".join([f"({placeholders(fields)})"] * len(values))
+    rows = ", ".join([f"({_placeholders(fields)})"] * len(values))
     sql = f"INSERT INTO {_table(model)} ({columns}) VALUES {rows}"  # noqa: S608
     return sql, [value for row in values for value in row]
