@@ -133,7 +133,8 @@ def _record_ticket(chat_id: int, ticket_id: int) -> None:
     with transaction.atomic():
         chat = _locked_chat(chat_id)
         chat.zammad_ticket_id = ticket_id
-        chat.save(update_fields=["zammad_ticket_id"])
+        chat.version += 1  # the conversation's ticket_url
+        save_chat(chat)
 
 
 async def _find_own_article(
