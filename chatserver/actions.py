@@ -27,7 +27,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import metrics, queries, validation
+from . import metrics, poll_cache, queries, validation
 from .attachments import NewAttachment
 from .batching import GroupCommit
 from .content import clean_text, sanitize_html, text_to_html
@@ -41,7 +41,7 @@ from .errors import (
     NotFound,
     WebhookUnauthorized,
 )
-from .events import Conversation, conversation
+from .events import Conversation, conversation, rest_conversation
 from .models import (
     BetaRoll,
     Chat,
@@ -162,6 +162,7 @@ CHAT_STATE_FIELDS = [
 
 def save_chat(chat: Chat) -> None:
     chat.save(update_fields=CHAT_STATE_FIELDS)
+    poll_cache.forget_on_commit([chat.device_id])
 
 
 def new_work(
@@ -378,49 +379,53 @@ _socket_reads: GroupCommit[tuple[str, str, int | None], SocketSnapshot] = GroupC
 
 @dataclass(frozen=True)
 class Snapshot:
-    conversation: Conversation | None  # None: unchanged since the client's ETag
+    body: bytes | None  # the REST answer (JSON); None: unchanged since the client's ETag
     etag: str
     last_id: int
 
 
-def _etag(chat: Chat, after: int | None) -> str:
-    return f'"{chat.pk}.{chat.version}.{after or 0}"'
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    return if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}
 
 
 async def read_conversation(
-    region_slug: str,
-    device_id: str,
-    *,
-    after: int | None = None,
-    if_none_match: str | None = None,
-    allow_missing: bool = False,
+    region_slug: str, device_id: str, *, after: int | None = None, if_none_match: str | None = None
 ) -> Snapshot:
     """The current chat's messages (only those with ``id > after``). Never calls Zammad.
 
-    A poll is the hot path: the chat and its region come in one query, and a poll answered by
-    its ETag needs no other (both hand-written, ``queries``, and read from the event loop)."""
-    chat = await queries.current_chat(validation.region_slug(region_slug), device_id)
+    A poll is the hot path. A chat unchanged since this process last read it is answered from
+    memory (``poll_cache``); otherwise the chat and its region come in one query, and a poll
+    answered by its ETag needs no other (both hand-written, ``queries``, read from the event
+    loop)."""
+    slug = validation.region_slug(region_slug)
+    polls = poll_cache.cache()
+    if polls is not None and (remembered := polls.recall(slug, device_id)) is not None:
+        etag = remembered.etag(after)
+        if _matches(if_none_match, etag):
+            return Snapshot(None, etag, remembered.last_id)
+        body = remembered.bodies.get(after or 0)
+        if body is not None:
+            return Snapshot(body, etag, remembered.last_id)
+    ticket = polls.ticket() if polls is not None else None
+    chat = await queries.current_chat(slug, device_id)
     if chat is not None and not chat.region.is_configured:
         raise NotConfigured
     if chat is None or chat.is_expired:
         # NotFound or NotConfigured before "Chat not found."
-        await database_sync_to_async(configured_region)(region_slug)
-        chat = None
-    if chat is None:
-        if not allow_missing:
-            raise ChatNotFound
-        empty: Conversation = {
-            "messages": [],
-            "evaluation_consent": False,
-            "chatbot_typing": False,
-            "ticket_url": None,
-        }
-        return Snapshot(empty, '"none"', 0)
-    etag = _etag(chat, after)
-    if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
-        return Snapshot(None, etag, chat.last_message_id)
-    messages = await queries.messages(chat, after)
-    return Snapshot(conversation(chat, messages), etag, chat.last_message_id)
+        await database_sync_to_async(configured_region)(slug)
+        raise ChatNotFound
+    found = poll_cache.Remembered(
+        chat.pk, chat.version, chat.last_message_id, chat.expires_at.timestamp()
+    )
+    etag = found.etag(after)
+    if _matches(if_none_match, etag):
+        body = None
+    else:
+        body = rest_conversation(conversation(chat, await queries.messages(chat, after)))
+        found.bodies[after or 0] = body
+    if polls is not None:
+        polls.remember(ticket, slug, device_id, found)
+    return Snapshot(body, etag, chat.last_message_id)
 
 
 @database_sync_to_async

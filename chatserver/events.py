@@ -2,6 +2,7 @@
 channel-layer events behind them. Tests check every captured frame against these.
 """
 
+import json
 from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -126,6 +127,13 @@ def message_out(message: Message, chat: Chat) -> MessageOut:
 def rest_message(message: MessageOut) -> dict[str, Any]:
     """REST shows the CMS fields; ``client_id`` only travels in socket frames."""
     return {key: value for key, value in message.items() if key != "client_id"}
+
+
+def rest_conversation(conversation: Conversation) -> bytes:
+    """A conversation as the REST endpoints answer it (JSON, as Django's ``JsonResponse``)."""
+    body = dict[str, Any](conversation)
+    body["messages"] = [rest_message(message) for message in conversation["messages"]]
+    return json.dumps(body, ensure_ascii=False).encode()
 
 
 def conversation(chat: Chat, messages: list[Message]) -> Conversation:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from django.db import connection
 from django.db.models import Model
 
-from . import reads
+from . import poll_cache, reads
 from .models import Chat, Message, Region, WebhookDelivery, Work
 
 M = TypeVar("M", bound=Model)
@@ -248,6 +248,7 @@ def save_chats(chats: Sequence[Chat], fields: Sequence[str]) -> None:
     with connection.cursor() as cursor:
         for row in rows:
             cursor.execute(sql, row)
+    poll_cache.forget_on_commit(chat.device_id for chat in chats)
 
 
 def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:

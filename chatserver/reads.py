@@ -72,18 +72,25 @@ async def _pool() -> AsyncConnectionPool | None:
     return pool
 
 
+def connection_kwargs() -> dict[str, Any]:
+    """What psycopg needs to connect to Django's database, outside Django's connections."""
+    database = connection.settings_dict
+    return {
+        "dbname": database["NAME"],
+        "user": database["USER"] or None,
+        "password": database["PASSWORD"] or None,
+        "host": database["HOST"] or None,
+        "port": database["PORT"] or None,
+    }
+
+
 def _new_pool() -> AsyncConnectionPool:
     from django.db.backends.postgresql.psycopg_any import get_adapters_template
 
-    database = connection.settings_dict
     return AsyncConnectionPool(
         conninfo="",
         kwargs={
-            "dbname": database["NAME"],
-            "user": database["USER"] or None,
-            "password": database["PASSWORD"] or None,
-            "host": database["HOST"] or None,
-            "port": database["PORT"] or None,
+            **connection_kwargs(),
             "autocommit": True,
             # Django's adapters: JSON as text (the fields' converters parse it), time stamps in
             # Django's time zone.

@@ -101,6 +101,9 @@ DB_POOL_TIMEOUT_SECS = env_float("DB_POOL_TIMEOUT_SECS", 3)
 # Connections of the event loop's own pool for the reads of polls and sockets
 # (chatserver/reads.py), on top of DB_POOL_MAX_SIZE.
 DB_READ_CONNECTIONS = env_int("DB_READ_CONNECTIONS", 4)
+# Memory for the answers of polls of unchanged chats, per process (chatserver/poll_cache.py;
+# PostgreSQL only, 0 switches it off).
+POLL_CACHE_BYTES = env_int("POLL_CACHE_BYTES", 64 * 1024 * 1024)
 if DATABASE_URL:
     # A connection pool per process (psycopg's, through Django 5.1+). Under ASGI every request
     # and every socket's database call runs in a thread of its own: connections kept per thread

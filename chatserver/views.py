@@ -31,7 +31,6 @@ from .errors import (
     Unavailable,
     UpstreamError,
 )
-from .events import rest_message
 from .models import device_key
 
 logger = logging.getLogger(__name__)
@@ -141,10 +140,10 @@ async def _get(request: HttpRequest, region: str, device_id: str) -> HttpRespons
     snapshot = await actions.read_conversation(
         region, device_id, after=after, if_none_match=request.headers.get("If-None-Match")
     )
-    if snapshot.conversation is None:
+    if snapshot.body is None:
         response = HttpResponse(status=304)
     else:
-        response = _conversation_response(snapshot.conversation)
+        response = _conversation_response(snapshot.body)
     response["ETag"] = snapshot.etag
     response["Cache-Control"] = "no-cache"
     return response
@@ -173,8 +172,8 @@ async def _post(request: HttpRequest, region: str, language: str, device_id: str
         route="rest",
     )
     snapshot = await actions.read_conversation(region, device_id)
-    assert snapshot.conversation is not None
-    response = _conversation_response(snapshot.conversation)
+    assert snapshot.body is not None
+    response = _conversation_response(snapshot.body)
     response["ETag"] = snapshot.etag
     return response
 
@@ -201,10 +200,8 @@ def _post_fields(request: HttpRequest) -> dict[str, Any]:
     raise InvalidMessage(f"Unsupported content type {content_type[:60]}.")
 
 
-def _conversation_response(conversation: dict[str, Any] | Any) -> JsonResponse:
-    body = dict(conversation)
-    body["messages"] = [rest_message(message) for message in conversation["messages"]]
-    return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
+def _conversation_response(body: bytes) -> HttpResponse:
+    return HttpResponse(body, content_type="application/json")
 
 
 @api_view("GET", "HEAD")

@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chatserver import chatbot as chatbot_client
-from chatserver import limits, reads, worker
+from chatserver import limits, poll_cache, reads, worker
 from chatserver import zammad as zammad_client
 from chatserver.fakes.base import free_port
 from chatserver.fakes.chatbot import FakeChatbot, FakeChatbotServer
@@ -72,6 +72,7 @@ async def _close_client_sessions() -> AsyncIterator[None]:
     await zammad_client.close_sessions()
     await chatbot_client.close_sessions()
     await limits.close_clients()
+    await poll_cache.close()
     await reads.close_pools()
     layer = get_channel_layer()
     if isinstance(layer, ChatChannelLayer):

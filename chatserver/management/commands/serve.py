@@ -37,7 +37,7 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
-    from chatserver import chatbot, reads, zammad
+    from chatserver import chatbot, poll_cache, reads, zammad
     from chatserver.asgi import application
     from chatserver.worker import run_worker
 
@@ -54,6 +54,7 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
     async def close_sessions() -> None:
         await zammad.close_sessions()
         await chatbot.close_sessions()
+        await poll_cache.close()
         await reads.close_pools()
 
     def closing_sessions() -> Deferred[None]:
