@@ -381,7 +381,10 @@ _socket_reads: GroupCommit[tuple[str, str, int | None], SocketSnapshot] = GroupC
 class Snapshot:
     body: bytes | None  # the REST answer (JSON); None: unchanged since the client's ETag
     etag: str
-    last_id: int
+
+
+_ANSWERED_FROM_MEMORY = metrics.POLL_ANSWERS.labels("memory")
+_ANSWERED_FROM_STORE = metrics.POLL_ANSWERS.labels("store")
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -401,11 +404,12 @@ async def read_conversation(
     polls = poll_cache.cache()
     if polls is not None and (remembered := polls.recall(slug, device_id)) is not None:
         etag = remembered.etag(after)
-        if _matches(if_none_match, etag):
-            return Snapshot(None, etag, remembered.last_id)
-        body = remembered.bodies.get(after or 0)
-        if body is not None:
-            return Snapshot(body, etag, remembered.last_id)
+        unchanged = _matches(if_none_match, etag)
+        body = None if unchanged else remembered.bodies.get(after or 0)
+        if unchanged or body is not None:
+            _ANSWERED_FROM_MEMORY.inc()
+            return Snapshot(body, etag)
+    _ANSWERED_FROM_STORE.inc()
     ticket = polls.ticket() if polls is not None else None
     chat = await queries.current_chat(slug, device_id)
     if chat is not None and not chat.region.is_configured:
@@ -414,9 +418,7 @@ async def read_conversation(
         # NotFound or NotConfigured before "Chat not found."
         await database_sync_to_async(configured_region)(slug)
         raise ChatNotFound
-    found = poll_cache.Remembered(
-        chat.pk, chat.version, chat.last_message_id, chat.expires_at.timestamp()
-    )
+    found = poll_cache.Remembered(chat.pk, chat.version, chat.expires_at.timestamp())
     etag = found.etag(after)
     if _matches(if_none_match, etag):
         body = None
@@ -425,7 +427,7 @@ async def read_conversation(
         found.bodies[after or 0] = body
     if polls is not None:
         polls.remember(ticket, slug, device_id, found)
-    return Snapshot(body, etag, chat.last_message_id)
+    return Snapshot(body, etag)
 
 
 @database_sync_to_async

@@ -29,3 +29,12 @@ UPSTREAM_SECONDS = Histogram(
 UPSTREAM_ERRORS = Counter(
     "chat_upstream_errors_total", "Failed calls to Zammad and the chat bot", ["service", "kind"]
 )
+POLL_CACHE_LISTENING = Gauge(
+    "chat_poll_cache_listening",
+    "1 while this process hears PostgreSQL's chat changes and answers unchanged polls from memory",
+)
+POLL_ANSWERS = Counter(
+    "chat_poll_answers_total",
+    "REST reads of a conversation by where the answer came from (memory: no query)",
+    ["source"],
+)

@@ -37,7 +37,7 @@ import psycopg
 from django.conf import settings
 from django.db import connection, transaction
 
-from . import reads
+from . import metrics, reads
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ ENTRY_BYTES = 400  # what a remembered chat costs besides its answers, roughly
 class Remembered:
     chat_id: int
     version: int
-    last_id: int
     expires_at: float  # time.time() of the chat's expiry
     bodies: dict[int, bytes] = field(default_factory=dict)  # after -> the GET's JSON
 
@@ -173,6 +172,7 @@ class PollCache:
                     # Every change since LISTEN has been heard: remember from now on.
                     self._reset(listening=True)
                     self.listening.set()
+                    metrics.POLL_CACHE_LISTENING.set(1)
                     failures = 0
                     while True:
                         async for notify in conn.notifies(timeout=CHECK_SECS):
@@ -182,6 +182,7 @@ class PollCache:
                 logger.warning("poll cache: listening for chat changes failed: %s", error)
             finally:
                 self.listening.clear()
+                metrics.POLL_CACHE_LISTENING.set(0)
                 self._reset(listening=False)
             await asyncio.sleep(RETRY_SECS[min(failures, len(RETRY_SECS) - 1)])
             failures += 1

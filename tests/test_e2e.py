@@ -119,6 +119,52 @@ async def test_rest_post_on_a_is_live_on_b(
             assert message["content"] == "über REST"
 
 
+async def metric(http: aiohttp.ClientSession, server: Daphne, line_start: str) -> float:
+    async with http.get(f"{server.url}/metrics") as answer:
+        for line in (await answer.text()).splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_reply_written_on_a_reaches_the_polls_b_answers_from_memory(
+    daphne_pair: tuple[Daphne, Daphne], live_region: Region, zammad: Any, http: Any
+) -> None:
+    """B remembers the chat and answers its polls without a query, until PostgreSQL tells it
+    that A wrote the counsellor's reply."""
+    first, second = daphne_pair
+    webhook_to(zammad, first)
+    ticket_id = await open_ticket(http, first, zammad, "e2e-device-poll")
+    url = f"{second.url}/api/v3/augsburg/de/chat/e2e-device-poll/"
+
+    async def poll(etag: str = "") -> tuple[int, str, list[str]]:
+        async with http.get(url, headers={"If-None-Match": etag} if etag else {}) as answer:
+            if answer.status == 304:
+                return 304, answer.headers["ETag"], []
+            contents = [m["content"] for m in (await answer.json())["messages"]]
+            return answer.status, answer.headers["ETag"], contents
+
+    await poll()  # B starts listening with its first poll
+    await wait_for(lambda: metric(http, second, "chat_poll_cache_listening "), what="B to listen")
+    status, etag, contents = await poll()
+    assert (status, contents) == (200, ["Hallo"])
+    from_memory = await metric(http, second, 'chat_poll_answers_total{source="memory"}')
+    assert (await poll(etag))[0] == 304
+    assert await poll() == (200, etag, ["Hallo"])
+    assert await metric(http, second, 'chat_poll_answers_total{source="memory"}') == (
+        from_memory + 2
+    )
+    zammad.agent_reply(ticket_id, "<p>Antwort</p>")
+
+    async def changed() -> tuple[int, str, list[str]] | None:
+        answer = await poll(etag)
+        return answer if answer[0] == 200 else None
+
+    status, new_etag, contents = await wait_for(changed, what="the reply in B's polls")
+    assert contents == ["Hallo", "<p>Antwort</p>"]
+    assert new_etag != etag
+
+
 async def test_socket_send_is_echoed_to_the_other_process(
     daphne_pair: tuple[Daphne, Daphne], live_region: Region
 ) -> None:

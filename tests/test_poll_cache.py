@@ -193,7 +193,7 @@ async def test_nothing_is_remembered_on_sqlite_or_when_switched_off(settings: An
 
 
 def remembered(chat_id: int = 1, version: int = 1, body: bytes = b"{}") -> poll_cache.Remembered:
-    return poll_cache.Remembered(chat_id, version, 7, time.time() + 60, {0: body})
+    return poll_cache.Remembered(chat_id, version, time.time() + 60, {0: body})
 
 
 def listening_cache(max_bytes: int = 1 << 20) -> poll_cache.PollCache:

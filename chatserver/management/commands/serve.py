@@ -42,6 +42,8 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
     from chatserver.worker import run_worker
 
     stop = asyncio.Event()
+    # Listening for chat changes from the start, so that the first polls can be remembered.
+    reactor.callWhenRunning(poll_cache.cache)
     if with_worker:
         tasks: list[asyncio.Future[None]] = []
 
