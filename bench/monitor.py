@@ -175,6 +175,7 @@ class Sampler:
         self.layer_prefix = layer_prefix
         self.peaks = Peaks()
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> Peaks:
         queues = await layer_queues(self.probe.redis, self.layer_prefix)
@@ -182,14 +183,16 @@ class Sampler:
         return self.peaks
 
     async def __aexit__(self, *exc: object) -> None:
+        # Asked to stop, not cancelled: a cancel that landed inside a sample's PostgreSQL or
+        # Redis call came back as an ordinary error, which the loop took for a failed sample
+        # and went on, and the run waited for it forever (seen twice, at the end of a rate phase).
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stop.set()
+        await self._task
 
     async def _run(self, queues: list[str]) -> None:
         peaks = self.peaks
-        while True:
+        while not self._stop.is_set():
             peaks.samples += 1
             try:
                 peaks.db_connections = max(peaks.db_connections, await self.probe.pg_connections())
@@ -200,4 +203,5 @@ class Sampler:
                 peaks.layer_backlog = max(peaks.layer_backlog, backlog)
             except Exception as error:  # a sample is best effort; the phase goes on
                 peaks.errors[type(error).__name__] += 1
-            await asyncio.sleep(SAMPLE_INTERVAL_SECS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), SAMPLE_INTERVAL_SECS)
