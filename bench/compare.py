@@ -192,6 +192,13 @@ def _rows(args: argparse.Namespace) -> list[Row]:
             lambda v: v >= 0.8,
             ratio=False,
         ),
+        Row(
+            "REST: polls of every device's chat in turn, 304 / cheapest view",
+            "rest",
+            "every_chat_poll_ratio",
+            "%",
+            ratio=False,
+        ),
     ]
 
 
