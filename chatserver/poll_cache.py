@@ -82,6 +82,7 @@ class PollCache:
         self._forgotten = 0  # moves on with everything forgotten: a ticket's number
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while polls are remembered
+        self._closing = False
 
     # --- the poll's side ------------------------------------------------------------------------
 
@@ -156,13 +157,14 @@ class PollCache:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            self._closing = True  # ends the loop even if a client library turns the cancel
+            task.cancel()  # into an error of its own
             await asyncio.gather(task, return_exceptions=True)
         self._reset(listening=False)
 
     async def _listen(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             try:
                 async with await psycopg.AsyncConnection.connect(
                     **reads.connection_kwargs(), autocommit=True, application_name=APPLICATION_NAME
@@ -184,6 +186,8 @@ class PollCache:
                 self.listening.clear()
                 metrics.POLL_CACHE_LISTENING.set(0)
                 self._reset(listening=False)
+            if self._closing:
+                return
             await asyncio.sleep(RETRY_SECS[min(failures, len(RETRY_SECS) - 1)])
             failures += 1
 
@@ -239,6 +243,12 @@ def forget_on_commit(device_ids: Iterable[str]) -> None:
 def _forget(device_ids: list[str]) -> None:
     for found in list(_caches.values()):
         found.forget(device_ids)
+
+
+async def start() -> None:
+    """Listen from now on, on this event loop (a server's start: its first polls can be
+    remembered)."""
+    cache()
 
 
 async def close() -> None:

@@ -144,7 +144,7 @@ async def test_reply_written_on_a_reaches_the_polls_b_answers_from_memory(
             contents = [m["content"] for m in (await answer.json())["messages"]]
             return answer.status, answer.headers["ETag"], contents
 
-    await poll()  # B starts listening with its first poll
+    # B listens from its start, before any poll.
     await wait_for(lambda: metric(http, second, "chat_poll_cache_listening "), what="B to listen")
     status, etag, contents = await poll()
     assert (status, contents) == (200, ["Hallo"])

@@ -42,8 +42,9 @@ def serve(host: str, port: int, *, with_worker: bool = False) -> None:
     from chatserver.worker import run_worker
 
     stop = asyncio.Event()
-    # Listening for chat changes from the start, so that the first polls can be remembered.
-    reactor.callWhenRunning(poll_cache.cache)
+    # Listening for chat changes from the start, so that the first polls can be remembered
+    # (from a task: the reactor's start-up calls run before its asyncio loop does).
+    reactor.callWhenRunning(lambda: asyncio.ensure_future(poll_cache.start()))
     if with_worker:
         tasks: list[asyncio.Future[None]] = []
 
