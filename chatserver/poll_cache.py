@@ -10,7 +10,8 @@ Why a remembered answer is never older than the store, but for the notification'
 
 - nothing is remembered, nor answered from memory, unless the listening connection is up and
   a notification sent to itself has come back (``_listen``); when it fails, everything is
-  forgotten until it listens again, since notifications in between are lost;
+  forgotten until it listens again, since notifications in between are lost (a connection
+  lost without a word is noticed by the next such check, within 2 * CHECK_SECS);
 - a read that may have crossed a change is not remembered: a read takes a ``ticket`` before
   its query, and ``remember`` refuses it if anything was forgotten since;
 - this process's own writes forget their device at the commit (``forget_on_commit``, from
@@ -30,6 +31,7 @@ import secrets
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -43,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "chatserver_polls"
 APPLICATION_NAME = "chatserver poll cache"  # the listening connection, in pg_stat_activity
-EVERYTHING = "*"  # the payload of a change that may touch any chat (a region, a TRUNCATE)
+# Payloads: a device id (never holds "*" or ":", validation.DEVICE_ID), or one of these.
+EVERYTHING = "*"  # a change that may touch any chat (a region, a TRUNCATE)
 # Every this many seconds the listener checks its connection by sending itself a notification;
 # if it does not come back within the same time, everything is forgotten and it connects anew.
 # (A connection lost without a word is noticed within twice this.)
@@ -75,7 +78,8 @@ class PollCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._chats: dict[tuple[str, str], Remembered] = {}  # (region slug, device) -> chat
+        # (region slug, device) -> its chat, the least recently remembered first
+        self._chats: OrderedDict[tuple[str, str], Remembered] = OrderedDict()
         self._slugs: dict[str, set[str]] = {}  # device -> the slugs remembered for it
         self._bytes = 0
         self._listening = False
@@ -101,7 +105,7 @@ class PollCache:
         """Remember a chat read after ``ticket`` was taken (with the answers it holds); refused
         if anything was forgotten since."""
         with self._lock:
-            if ticket is None or ticket != self._forgotten or not self._listening:
+            if ticket is None or ticket != self._forgotten:
                 return
             key = (slug, device_id)
             known = self._chats.pop(key, None)
@@ -111,11 +115,11 @@ class PollCache:
                     found.bodies = {**known.bodies, **found.bodies}
             if len(found.bodies) > MAX_BODIES or found.size > self.max_bytes // 100:
                 found.bodies = {}
-            self._chats[key] = found  # at the end: the oldest are evicted first
+            self._chats[key] = found
             self._slugs.setdefault(device_id, set()).add(slug)
             self._bytes += found.size
             while self._bytes > self.max_bytes:
-                self._drop(next(iter(self._chats)))
+                self._drop_oldest()
 
     # --- forgetting -----------------------------------------------------------------------------
 
@@ -139,14 +143,14 @@ class PollCache:
             self._slugs.clear()
             self._bytes = 0
 
-    def _drop(self, key: tuple[str, str]) -> None:
-        known = self._chats.pop(key)
+    def _drop_oldest(self) -> None:
+        (slug, device_id), known = self._chats.popitem(last=False)
         self._bytes -= known.size
-        slugs = self._slugs.get(key[1])
+        slugs = self._slugs.get(device_id)
         if slugs is not None:
-            slugs.discard(key[0])
+            slugs.discard(slug)
             if not slugs:
-                del self._slugs[key[1]]
+                del self._slugs[device_id]
 
     # --- listening ------------------------------------------------------------------------------
 
