@@ -131,6 +131,10 @@ else:
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": env_str("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
             "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
+            # Tests on a file too, like the server: the default in-memory test database shares
+            # one cache between connections, whose table locks ("database table is locked")
+            # ignore the busy timeout that the server's database threads rely on.
+            "TEST": {"NAME": str(BASE_DIR / "test-db.sqlite3")},
         }
     }
 

@@ -193,6 +193,8 @@ def server_env(**overrides: str) -> dict[str, str]:
             f"postgres://{database['USER']}@{database['HOST'] or '127.0.0.1'}:"
             f"{database['PORT'] or 5432}/{database['NAME']}"
         )
+    else:
+        env["SQLITE_PATH"] = str(database["NAME"])  # the test database, a file (settings)
     env.update(
         {
             "LOG_LEVEL": "WARNING",

@@ -25,7 +25,14 @@ from chatserver.fakes.chatbot import HUMAN_HANDOVER_ANSWER, FakeChatbotServer
 from chatserver.fakes.zammad import FakeZammadServer
 from chatserver.models import Chat, Message, Region, WebhookDelivery, Work
 
-from .conftest import SIGNATURE_SECRET, WEBHOOK_TOKEN, Daphne, drain, server_env
+from .conftest import (
+    SIGNATURE_SECRET,
+    WEBHOOK_TOKEN,
+    Daphne,
+    drain,
+    server_env,
+    skip_without_shared_services,
+)
 from .helpers import Capture, check_conversation, check_frame, wait_for
 from .test_consumer import Socket
 from .test_durability import WorkerProcess, running_worker, until
@@ -572,6 +579,7 @@ async def test_server_never_waits_on_the_bot(
     """A real daphne and a real worker process; the bot never answers while we measure (its
     answer calls stall until released, longer than any 30 s delay). Another device's socket
     send -> ack and a REST POST stay fast."""
+    skip_without_shared_services()
     bot.configure(fail="stall", fail_on=["answer"])
     env = server_env(CHATBOT_URL=bot.url, WORKER_POLL_INTERVAL_SECS="0.05")
     daphne = Daphne(free_port(), env)
