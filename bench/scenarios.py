@@ -319,6 +319,19 @@ async def wait_for_frames(
         last_change = time.perf_counter()
 
 
+def slowest(delivered: dict[int, float], by_article: dict[int, Sent], started: float) -> str:
+    """When the five slowest pushes were sent, and what they took: a stall shows as several
+    sent within a few milliseconds of each other."""
+    latency = {
+        article: arrived - by_article[article].sent_at for article, arrived in delivered.items()
+    }
+    worst = sorted(latency, key=latency.__getitem__, reverse=True)[:5]
+    return ", ".join(
+        f"{by_article[article].sent_at - started:.2f} s ({ms(latency[article])})"
+        for article in worst
+    )
+
+
 async def pushes(
     ctx: Context,
     result: Result,
@@ -429,6 +442,11 @@ async def pushes(
             f"{result.values['pushes_per_s']:.0f}/s",
         )
     result.add("push latency (sent to frame received)", spread(latencies))
+    if arrivals.delivered:
+        result.add(
+            "slowest pushes (sent at, after the first)",
+            slowest(arrivals.delivered, by_article, started),
+        )
     closed = ctx.fleet.closed_unexpectedly()
     if closed:
         result.add("sockets closed by the server so far", counted(closed))
