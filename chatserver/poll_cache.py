@@ -82,7 +82,6 @@ class PollCache:
         self._chats: OrderedDict[tuple[str, str], Remembered] = OrderedDict()
         self._slugs: dict[str, set[str]] = {}  # device -> the slugs remembered for it
         self._bytes = 0
-        self._listening = False
         self._forgotten = 0  # moves on with everything forgotten: a ticket's number
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while polls are remembered
@@ -99,7 +98,7 @@ class PollCache:
     def ticket(self) -> int | None:
         """Taken before a read that may be remembered; None when nothing may be."""
         with self._lock:
-            return self._forgotten if self._listening else None
+            return self._forgotten if self.listening.is_set() else None
 
     def remember(self, ticket: int | None, slug: str, device_id: str, found: Remembered) -> None:
         """Remember a chat read after ``ticket`` was taken (with the answers it holds); refused
@@ -133,15 +132,20 @@ class PollCache:
                         self._bytes -= known.size
 
     def forget_everything(self) -> None:
-        self._reset(listening=self._listening)
+        self._reset(listening=self.listening.is_set())
 
     def _reset(self, *, listening: bool) -> None:
+        """Forget everything, and remember from now on only if ``listening``."""
         with self._lock:
             self._forgotten += 1
-            self._listening = listening
             self._chats.clear()
             self._slugs.clear()
             self._bytes = 0
+            if listening:
+                self.listening.set()
+            else:
+                self.listening.clear()
+        metrics.POLL_CACHE_LISTENING.set(int(listening))
 
     def _drop_oldest(self) -> None:
         (slug, device_id), known = self._chats.popitem(last=False)
@@ -177,8 +181,6 @@ class PollCache:
                     await self._check(conn)
                     # Every change since LISTEN has been heard: remember from now on.
                     self._reset(listening=True)
-                    self.listening.set()
-                    metrics.POLL_CACHE_LISTENING.set(1)
                     failures = 0
                     while True:
                         async for notify in conn.notifies(timeout=CHECK_SECS):
@@ -187,8 +189,6 @@ class PollCache:
             except (psycopg.Error, OSError, TimeoutError) as error:
                 logger.warning("poll cache: listening for chat changes failed: %s", error)
             finally:
-                self.listening.clear()
-                metrics.POLL_CACHE_LISTENING.set(0)
                 self._reset(listening=False)
             if self._closing:
                 return
