@@ -24,11 +24,15 @@ from chatserver.models import Chat, Region
 
 from .helpers import wait_for
 
-on_postgresql = pytest.mark.skipif(
-    "postgresql" not in settings.DATABASES["default"]["ENGINE"],
-    reason="NOTIFY is PostgreSQL's; elsewhere nothing is remembered",
-)
-committed = pytest.mark.django_db(transaction=True)
+
+def with_notify(test: Any) -> Any:
+    """Real NOTIFY: PostgreSQL, and transactions that commit."""
+    on_postgresql = pytest.mark.skipif(
+        "postgresql" not in settings.DATABASES["default"]["ENGINE"],
+        reason="NOTIFY is PostgreSQL's; elsewhere nothing is remembered",
+    )
+    return on_postgresql(pytest.mark.django_db(transaction=True)(test))
+
 
 DEVICE = "5b2e6c1a-7d3f-4e8a-9c0b-1d2e3f4a5b6c"
 CHAT = f"/api/v3/augsburg/de/chat/{DEVICE}/"
@@ -40,11 +44,12 @@ def client() -> AsyncClient:
 
 
 @pytest.fixture
-async def polls() -> poll_cache.PollCache:
-    """This test's poll cache, listening."""
+async def polls(client: AsyncClient, region: Region) -> poll_cache.PollCache:
+    """This test's poll cache, listening, and the device's chat with one message, "Hallo"."""
     found = poll_cache.cache()
     assert found is not None
     await asyncio.wait_for(found.listening.wait(), 10)
+    assert (await client.post(CHAT, {"message": "Hallo"})).status_code == 200
     return found
 
 
@@ -80,12 +85,10 @@ RENAME_FIRST_MESSAGE = (
 BUMP_VERSION = "UPDATE chatserver_chat SET version = version + 1 WHERE device_id = %s"
 
 
-@on_postgresql
-@committed
+@with_notify
 async def test_a_poll_of_an_unchanged_chat_is_answered_from_memory_byte_for_byte(
-    client: AsyncClient, region: Region, polls: poll_cache.PollCache
+    client: AsyncClient, polls: poll_cache.PollCache
 ) -> None:
-    assert (await client.post(CHAT, {"message": "Hallo"})).status_code == 200
     polls.forget([DEVICE])
     first = await client.get(CHAT)  # read from the store
     await unheard(RENAME_FIRST_MESSAGE, ["changed behind its back", DEVICE])
@@ -101,12 +104,10 @@ async def test_a_poll_of_an_unchanged_chat_is_answered_from_memory_byte_for_byte
     assert json.loads((await client.get(f"{CHAT}?after={after}")).content)["messages"] == []
 
 
-@on_postgresql
-@committed
+@with_notify
 async def test_a_change_written_elsewhere_reaches_the_next_polls(
-    client: AsyncClient, region: Region, polls: poll_cache.PollCache
+    client: AsyncClient, polls: poll_cache.PollCache
 ) -> None:
-    assert (await client.post(CHAT, {"message": "Hallo"})).status_code == 200
     etag = (await client.get(CHAT)).headers["ETag"]
     await unheard(RENAME_FIRST_MESSAGE, ["a counsellor's edit", DEVICE])
     await execute(BUMP_VERSION, [DEVICE])
@@ -118,14 +119,12 @@ async def test_a_change_written_elsewhere_reaches_the_next_polls(
     assert await messages_of(client) == ["a counsellor's edit"]
 
 
-@on_postgresql
-@committed
+@with_notify
 async def test_this_process_reads_its_own_write_at_once(
-    client: AsyncClient, region: Region, polls: poll_cache.PollCache
+    client: AsyncClient, polls: poll_cache.PollCache
 ) -> None:
     """A write of this process forgets the device at its commit, before any notification: the
     write here fires no trigger, so only that can make the next poll see it."""
-    assert (await client.post(CHAT, {"message": "Hallo"})).status_code == 200
     before = await client.get(CHAT)
 
     @database_sync_to_async
@@ -144,12 +143,10 @@ async def test_this_process_reads_its_own_write_at_once(
     assert json.loads(after.content)["evaluation_consent"] is True
 
 
-@on_postgresql
-@committed
+@with_notify
 async def test_a_region_changed_anywhere_forgets_every_chat(
     client: AsyncClient, region: Region, polls: poll_cache.PollCache
 ) -> None:
-    assert (await client.post(CHAT, {"message": "Hallo"})).status_code == 200
     assert (await client.get(CHAT)).status_code == 200
     await execute("UPDATE chatserver_region SET chat_enabled = false WHERE id = %s", [region.pk])
 
@@ -160,14 +157,12 @@ async def test_a_region_changed_anywhere_forgets_every_chat(
     assert (await client.get(CHAT)).status_code == 503  # not configured
 
 
-@on_postgresql
-@committed
+@with_notify
 async def test_nothing_is_remembered_while_the_listener_is_lost(
-    client: AsyncClient, region: Region, polls: poll_cache.PollCache
+    client: AsyncClient, polls: poll_cache.PollCache
 ) -> None:
     """Notifications sent while nobody listens are lost: memory is dropped with the connection,
     and comes back only once the listener hears again."""
-    assert (await client.post(CHAT, {"message": "Hallo"})).status_code == 200
     assert await messages_of(client) == ["Hallo"]
     await execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
