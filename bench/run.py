@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="burst: webhooks in flight")
     parser.add_argument("--rate", type=float, default=200, help="rate: webhooks per second")
     parser.add_argument("--rate-secs", type=float, default=30, help="rate: for this long, s")
+    parser.add_argument("--floor-secs", type=float, default=10, help="floor: each part for, s")
     parser.add_argument("--idle-secs", type=float, default=30, help="idle: hold sockets, s")
     parser.add_argument("--rest-secs", type=float, default=10, help="rest: each target for, s")
     parser.add_argument("--open-timeout", type=float, default=10, help="handshake timeout, s")

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import itertools
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psycopg
+from redis import asyncio as aioredis
 
-from bench import monitor, payloads, system
+from bench import monitor, payloads, stack, system
 from bench.clients import Fleet, Sent, Socket, parse_frame
 from bench.stack import REGION_SLUG, Server, device_id
 from bench.targets import Pusher, Target, WebhookPusher
@@ -118,6 +121,8 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def ms(secs: float) -> str:
+    if secs < 0.01:
+        return f"{secs * 1000:.1f} ms"
     return f"{secs * 1000:.0f} ms" if secs < 10 else f"{secs:.1f} s"
 
 
@@ -533,6 +538,146 @@ async def rate(ctx: Context) -> Result:
     result = Result("rate")
     how = f"{args.rate:g}/s for {args.rate_secs:g} s, at most {args.concurrency} in flight"
     return await pushes(ctx, result, deliveries, send, how=how)
+
+
+@scenario(
+    "floor",
+    "the parts every push must pass through, each alone at --rate per second for --floor-secs "
+    "with the sockets open: an HTTP request to the cheapest Django view, a durable one-row "
+    "commit on the server's database, a message handed from one Redis connection to another; "
+    "their medians added up are about the lowest push p50 that a server pushing only what it "
+    "has stored can reach",
+    references=False,
+)
+async def floor(ctx: Context) -> Result:
+    args = ctx.args
+    result = Result("floor")
+    if not ctx.fleet.ready:
+        await open_devices(ctx, args.sockets)
+    how = f"{args.rate:g}/s for {args.floor_secs:g} s each"
+    healthz = f"{ctx.server.url}/healthz"
+    async with aiohttp.ClientSession() as session:
+
+        async def request() -> float:
+            started = time.perf_counter()
+            async with session.get(healthz) as answer:
+                await answer.read()
+            return time.perf_counter() - started
+
+        http = await paced(request, args.rate, args.floor_secs)
+    commits, round_trips = await paced_statements(
+        stack.Database.url_of(ctx.database), args.rate, args.floor_secs
+    )
+    async with RedisHandOver() as redis_hand_over:
+        redis = await paced(redis_hand_over.one, args.rate, args.floor_secs)
+    sockets = itertools.cycle(ctx.fleet.ready)
+
+    async def socket_ping() -> float:
+        return await ping(next(sockets), args.history_timeout) or math.inf
+
+    pings = await paced(socket_ping, args.rate, args.floor_secs)
+    parts = [
+        ("HTTP: GET /healthz answered (the cheapest Django view)", http),
+        ("PostgreSQL: one row inserted and committed (autocommit, the WAL flushed)", commits),
+        ("Redis: a message pushed on one connection, popped on another (BLPOP)", redis),
+    ]
+    for label, latencies in parts:
+        result.add(label, spread(latencies))
+    floor_p50 = sum(percentile(latencies, 50) for _, latencies in parts)
+    result.add(
+        "the three medians added up: about the lowest p50 a push can have",
+        f"{floor_p50 * 1000:.1f} ms ({how}; target for the push p50: at most 5 ms)",
+    )
+    result.add(
+        "not in the sum: PostgreSQL, one statement's round trip (SELECT 1)", spread(round_trips)
+    )
+    result.add(
+        "not in the sum: WebSocket ping to pong (both ways through daphne and the consumer)",
+        spread(pings),
+    )
+    result.values.update(floor_p50=floor_p50)
+    return result
+
+
+async def paced(call: Callable[[], Awaitable[float]], rate: float, secs: float) -> list[float]:
+    """Start ``call`` ``rate`` times a second for ``secs``, each at its own time whether or not
+    the ones before have finished, and collect the latencies it returns."""
+    count = max(1, round(rate * secs))
+    started = time.monotonic()
+
+    async def one(index: int) -> float:
+        await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
+        return await call()
+
+    return list(await asyncio.gather(*(one(index) for index in range(count))))
+
+
+async def paced_statements(
+    database_url: str, rate: float, secs: float
+) -> tuple[list[float], list[float]]:
+    """On a connection of the server's database: one-row inserts, each its own transaction (in
+    a table of the bench's own, dropped afterwards), then ``SELECT 1``: the latencies of each."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as connection:
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS bench_floor (id bigserial PRIMARY KEY, body text)"
+        )
+        body = "x" * 200
+
+        async def timed(sql: str, params: tuple[str, ...] = ()) -> float:
+            started = time.perf_counter()
+            await connection.execute(sql, params)
+            return time.perf_counter() - started
+
+        try:
+            commits = await paced(
+                lambda: timed("INSERT INTO bench_floor (body) VALUES (%s)", (body,)), rate, secs
+            )
+        finally:
+            await connection.execute("DROP TABLE bench_floor")
+        return commits, await paced(lambda: timed("SELECT 1"), rate, secs)
+
+
+class RedisHandOver:
+    """Messages pushed onto a list by one connection and popped by another that waits on it, as
+    the channel layer hands an event from the publishing process to the socket's process."""
+
+    def __init__(self) -> None:
+        self.key = f"chatbench:floor:{os.getpid()}"
+        self.sender = aioredis.Redis.from_url(stack.REDIS_URL)
+        self.receiver = aioredis.Redis.from_url(stack.REDIS_URL)
+        self.waiting: dict[bytes | str, asyncio.Future[float]] = {}
+        self.numbers = itertools.count()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RedisHandOver:
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.reader is not None
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+        await self.sender.delete(self.key)
+        await self.sender.aclose()
+        await self.receiver.aclose()
+
+    async def _read(self) -> None:
+        while True:
+            popped = await self.receiver.blpop([self.key], timeout=0)
+            arrived = time.perf_counter()
+            if popped is not None:
+                future = self.waiting.pop(popped[1], None)
+                if future is not None and not future.done():
+                    future.set_result(arrived)
+
+    async def one(self) -> float:
+        token = str(next(self.numbers)).encode()
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiting[token] = future
+        started = time.perf_counter()
+        await self.sender.rpush(self.key, token)
+        arrived: float = await asyncio.wait_for(future, 10)
+        return arrived - started
 
 
 @scenario(

@@ -76,7 +76,12 @@ class Database:
 
     @property
     def url(self) -> str:
-        return f"postgres://{self.name}@127.0.0.1:5432/{self.name}"
+        return self.url_of(self.name)
+
+    @staticmethod
+    def url_of(name: str) -> str:
+        """The URL the server logs in with, to the database of that name."""
+        return f"postgres://{name}@127.0.0.1:5432/{name}"
 
     def _admin(self, *statements: str) -> None:
         with psycopg.connect(self.admin_url, autocommit=True) as connection:
