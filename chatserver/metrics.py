@@ -33,6 +33,11 @@ POLL_CACHE_LISTENING = Gauge(
     "chat_poll_cache_listening",
     "1 while this process hears PostgreSQL's chat changes and answers unchanged polls from memory",
 )
+NOTIFICATION_QUEUE_USAGE = Gauge(
+    "chat_notification_queue_usage",
+    "How full PostgreSQL's notification queue is, 0 to 1 (read every 5 s by the poll cache's "
+    "listener; at 1 commits that notify fail)",
+)
 POLL_ANSWERS = Counter(
     "chat_poll_answers_total",
     "REST reads of a conversation by where the answer came from (memory: no query)",

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import psycopg
 from django.conf import settings
 from django.db import connection, transaction
+from psycopg.rows import TupleRow
 
 from . import metrics, reads
 
@@ -52,6 +53,8 @@ EVERYTHING = "*"  # a change that may touch any chat (a region, a TRUNCATE)
 # (A connection lost without a word is noticed within twice this.)
 CHECK_SECS = 5.0
 CHECK_PREFIX = "check:"
+# Each check also reads how full PostgreSQL's notification queue is; from this share on, warn.
+QUEUE_USAGE_WARNING = 0.5
 RETRY_SECS = (0.5, 1, 2, 5, 10)
 MAX_BODIES = 4  # answers remembered per chat version (to different ``after``)
 ENTRY_BYTES = 400  # what a remembered chat costs besides its answers, roughly
@@ -195,12 +198,17 @@ class PollCache:
             await asyncio.sleep(RETRY_SECS[min(failures, len(RETRY_SECS) - 1)])
             failures += 1
 
-    async def _check(self, conn: psycopg.AsyncConnection[object]) -> None:
+    async def _check(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         """Send the connection a notification and act on all before it; TimeoutError if it does
         not come back within CHECK_SECS."""
         check = f"{CHECK_PREFIX}{secrets.token_hex(8)}"
         async with asyncio.timeout(CHECK_SECS):
-            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, check])
+            cursor = await conn.execute(
+                "SELECT pg_notification_queue_usage() FROM pg_notify(%s, %s)", [CHANNEL, check]
+            )
+            row = await cursor.fetchone()
+            if row is not None:
+                _report_queue_usage(float(row[0]))
             async for notify in conn.notifies():
                 if notify.payload == check:
                     return
@@ -211,6 +219,18 @@ class PollCache:
             self.forget_everything()
         elif not payload.startswith(CHECK_PREFIX):
             self.forget([payload])
+
+
+def _report_queue_usage(usage: float) -> None:
+    """How full PostgreSQL's notification queue is (0 to 1; the whole cluster's, so every
+    process reports the same). It fills only while a listener of any channel stops reading."""
+    metrics.NOTIFICATION_QUEUE_USAGE.set(usage)
+    if usage >= QUEUE_USAGE_WARNING:
+        logger.warning(
+            "PostgreSQL's notification queue is %.0f%% full: a process that listens but does "
+            "not read holds it (pg_stat_activity; at 100%% commits that notify fail)",
+            100 * usage,
+        )
 
 
 _caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollCache] = (

@@ -17,8 +17,9 @@ import pytest
 from django.conf import settings
 from django.db import connection, transaction
 from django.test import AsyncClient
+from prometheus_client import REGISTRY
 
-from chatserver import actions, poll_cache, reads
+from chatserver import actions, metrics, poll_cache, reads
 from chatserver.db import database_sync_to_async
 from chatserver.models import Chat, Region
 
@@ -175,6 +176,22 @@ async def test_nothing_is_remembered_while_the_listener_is_lost(
     assert await messages_of(client) == ["while nobody listened"]
     await unheard(RENAME_FIRST_MESSAGE, ["remembered again", DEVICE])
     assert await messages_of(client) == ["while nobody listened"]
+
+
+@with_notify
+async def test_the_listener_reports_how_full_the_notification_queue_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read with each check (the first before anything is remembered); past the warning share
+    (here 0, as a real queue takes gigabytes to fill) each check warns."""
+    metrics.NOTIFICATION_QUEUE_USAGE.set(-1)
+    monkeypatch.setattr(poll_cache, "QUEUE_USAGE_WARNING", 0.0)
+    found = poll_cache.cache()
+    assert found is not None
+    await asyncio.wait_for(found.listening.wait(), 10)
+    usage = REGISTRY.get_sample_value("chat_notification_queue_usage")
+    assert usage is not None and 0 <= usage < 0.5
+    assert "notification queue is 0% full" in caplog.text
 
 
 async def test_nothing_is_remembered_on_sqlite_or_when_switched_off(settings: Any) -> None:
