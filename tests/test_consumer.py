@@ -202,7 +202,8 @@ async def test_socket_too_far_behind_catches_up_from_the_store(
     socket = await open_socket(sockets)
     await socket.receive_type("chat.history")
     layer = get_channel_layer()
-    assert isinstance(layer, ChatChannelLayer)
+    if not isinstance(layer, ChatChannelLayer):
+        pytest.skip("capacity and catch-up events are the Redis layer's (REDIS_URL)")
     # Every push overflows: a message can only reach the socket through a catch-up.
     monkeypatch.setattr(layer, "inbox_capacity", 0)
     client = AsyncClient()
