@@ -257,12 +257,12 @@ def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
     if not objects:
         return
     model = type(objects[0])
-    fields = [field for field in model._meta.concrete_fields if not field.primary_key]
+    fields = _insert_fields(model)
     values = [
         [field.get_db_prep_save(field.pre_save(obj, add=True), connection) for field in fields]
         for obj in objects
     ]
-    sql, params = _insert_sql(model, fields, values)
+    sql, params = _insert_sql(model, values)
     if ignore_conflicts:
         with connection.cursor() as cursor:
             cursor.execute(sql + " ON CONFLICT DO NOTHING", params)
@@ -275,17 +275,28 @@ def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
         obj._state.adding = False
 
 
-def _insert_sql(
-    model: type[Model], fields: Sequence[Any], values: list[list[Any]]
-) -> tuple[str, list[Any]]:
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(str(field.column)) for field in fields)
+def _insert_sql(model: type[Model], values: list[list[Any]]) -> tuple[str, list[Any]]:
     if connection.vendor == "postgresql":
         # One array per column (as Django's own bulk_create does on PostgreSQL): the same
         # statement for any number of rows, so it is parsed and prepared once, not per batch.
-        arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
-        sql = f"INSERT INTO {_table(model)} ({columns}) SELECT * FROM unnest({arrays})"  # noqa: S608
-        return sql, [list(column) for column in zip(*values, strict=True)]
-    rows = ", ".join([f"({_placeholders(fields)})"] * len(values))
-    sql = f"INSERT INTO {_table(model)} ({columns}) VALUES {rows}"  # noqa: S608
+        return _unnest_insert_sql(model), [list(column) for column in zip(*values, strict=True)]
+    rows = ", ".join([f"({_placeholders(_insert_fields(model))})"] * len(values))
+    sql = f"INSERT INTO {_table(model)} ({_insert_columns(model)}) VALUES {rows}"  # noqa: S608
     return sql, [value for row in values for value in row]
+
+
+def _insert_fields(model: type[Model]) -> list[Any]:
+    return [field for field in model._meta.concrete_fields if not field.primary_key]
+
+
+@cache
+def _insert_columns(model: type[Model]) -> str:
+    quote = connection.ops.quote_name
+    return ", ".join(quote(str(field.column)) for field in _insert_fields(model))
+
+
+@cache
+def _unnest_insert_sql(model: type[Model]) -> str:
+    # Written once per model, like the module's other SQL, not on every batch.
+    arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in _insert_fields(model))
+    return f"INSERT INTO {_table(model)} ({_insert_columns(model)}) SELECT * FROM unnest({arrays})"  # noqa: S608
