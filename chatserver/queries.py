@@ -299,4 +299,5 @@ def _insert_columns(model: type[Model]) -> str:
 def _unnest_insert_sql(model: type[Model]) -> str:
     # Written once per model, like the module's other SQL, not on every batch.
     arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in _insert_fields(model))
-    return f"INSERT INTO {_table(model)} ({_insert_columns(model)}) SELECT * FROM unnest({arrays})"  # noqa: S608
+    columns = _insert_columns(model)
+    return f"INSERT INTO {_table(model)} ({columns}) SELECT * FROM unnest({arrays})"  # noqa: S608
