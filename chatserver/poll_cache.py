@@ -25,7 +25,6 @@ Elsewhere (SQLite, the demo) and with ``POLL_CACHE_BYTES`` 0 nothing is remember
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 import threading
@@ -37,10 +36,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from psycopg.rows import TupleRow
 
 from . import metrics, reads
+from .db import on_postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ _caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollCache] = (
 
 def cache() -> PollCache | None:
     """This event loop's poll cache, listening from its first use; None where there is none."""
-    if settings.POLL_CACHE_BYTES <= 0 or not _on_postgresql():
+    if settings.POLL_CACHE_BYTES <= 0 or not on_postgresql():
         return None
     loop = asyncio.get_running_loop()
     found = _caches.get(loop)
@@ -248,13 +248,6 @@ def cache() -> PollCache | None:
         found = _caches[loop] = PollCache(settings.POLL_CACHE_BYTES)
         found.start()
     return found
-
-
-@functools.cache
-def _on_postgresql() -> bool:
-    # Once: ``connection`` is a per-context proxy, and looking through it cost a tenth of a
-    # poll answered from memory.
-    return connection.vendor == "postgresql"
 
 
 def forget_on_commit(device_ids: Iterable[str]) -> None:

@@ -19,6 +19,7 @@ from django.db import connection
 from django.db.models import Model
 
 from . import poll_cache, reads
+from .db import on_postgresql
 from .models import Chat, Message, Region, WebhookDelivery, Work
 
 M = TypeVar("M", bound=Model)
@@ -276,7 +277,7 @@ def insert(objects: Sequence[Model], *, ignore_conflicts: bool = False) -> None:
 
 
 def _insert_sql(model: type[Model], values: list[list[Any]]) -> tuple[str, list[Any]]:
-    if connection.vendor == "postgresql":
+    if on_postgresql():
         # One array per column (as Django's own bulk_create does on PostgreSQL): the same
         # statement for any number of rows, so it is parsed and prepared once, not per batch.
         return _unnest_insert_sql(model), [list(column) for column in zip(*values, strict=True)]

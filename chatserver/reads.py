@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .db import database_sync_to_async
+from .db import database_sync_to_async, on_postgresql
 
 Row = tuple[Any, ...]
 
@@ -62,7 +62,7 @@ def rows_in_thread(sql: str, params: Sequence[Any]) -> list[Row]:
 
 
 async def _pool() -> AsyncConnectionPool | None:
-    if connection.vendor != "postgresql":
+    if not on_postgresql():
         return None
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
